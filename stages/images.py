@@ -1,0 +1,107 @@
+"""The dataset file every stage exchanges, and the one pixel scaling.
+
+A dataset file is an uncompressed ``.npz`` holding, per split
+(``train``/``val``/``test``), uint8 NHWC images and int64 labels, plus the class
+names and a JSON ``meta`` record (source, split seed, ...). It is written
+deterministically (fixed member order and timestamps) and atomically, so the
+same content always gives the same bytes and DVC hash.
+
+Images stay uint8 on disk and in memory. :func:`to_unit_float` is the only
+place they become floats in [0, 1], and every consumer (train, evaluate,
+metrics, plots) goes through it, so train and test images can never be
+scaled differently (the bug behind the CIFAR-10 classifier question). It
+refuses anything but uint8, so scaling twice is impossible too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stages.errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class DatasetFileError(PipelineError):
+    """A dataset file is missing, unreadable or inconsistent."""
+
+
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1]. The single scaling used everywhere."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise TypeError(f"to_unit_float expects uint8 pixels, got {dtype}: scale raw images exactly once")
+    return images.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8, (N, H, W, C)
+    labels: np.ndarray  # int64, (N,)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {self.images.shape[0]} images")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class DatasetFile:
+    splits: dict[str, Split]
+    class_names: list[str]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(next(iter(self.splits.values())).images.shape[1:])
+
+
+def save(path: Path, data: DatasetFile) -> None:
+    """Write ``data`` to ``path`` atomically and byte-deterministically."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in SPLITS:
+        split = data.splits[name]
+        arrays[f"{name}_images"] = np.ascontiguousarray(split.images)
+        arrays[f"{name}_labels"] = split.labels.astype(np.int64)
+    arrays["class_names"] = np.asarray(data.class_names, dtype=np.str_)
+    arrays["meta"] = np.asarray(json.dumps(data.meta, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, array in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_EPOCH)
+                info.external_attr = 0o644 << 16
+                with archive.open(info, "w", force_zip64=True) as handle:
+                    np.lib.format.write_array(handle, array, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path | str) -> DatasetFile:
+    """Read a dataset file written by :func:`save`."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            splits = {
+                name: Split(npz[f"{name}_images"], npz[f"{name}_labels"]) for name in SPLITS
+            }
+            class_names = [str(c) for c in npz["class_names"]]
+            meta = json.loads(str(npz["meta"]))
+    except FileNotFoundError:
+        raise DatasetFileError(f"{path}: dataset file not found (run its prepare/corrupt stage)") from None
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DatasetFileError(f"{path}: not a valid dataset file ({exc})") from None
+    return DatasetFile(splits, class_names, meta)

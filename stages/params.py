@@ -1,0 +1,222 @@
+"""params.yaml -> typed, validated sections.
+
+Every stage loads only the sections it uses through :func:`load`, which
+validates them before any work starts. A typo never passes silently: unknown
+keys, wrong types and out-of-range values raise :class:`ParamsError` naming
+the key path and the value, with the nearest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar10_jpeg")
+
+
+class ParamsError(PipelineError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    max_epochs: Annotated[int, Field(ge=1)] | None = None
+
+
+class Download(_Strict):
+    mirror: str | None = None
+    retries: Annotated[int, Field(ge=0, le=20)] = 4
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    cache_dir: str = "data/cache"
+
+
+class Source(_Strict):
+    """Where a dataset comes from: a built-in source, or any image folder."""
+
+    builtin: Literal[BUILTIN_SOURCES] | None = None  # type: ignore[valid-type]
+    path: str | None = None  # image folder: directory, .tar.gz/.tgz/.zip, or URL
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Source":
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("set exactly one of 'builtin' or 'path'")
+        if self.builtin is not None and self.sha256 is not None:
+            raise ValueError("'sha256' applies to 'path' sources; built-in sources pin their own")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.builtin or "image_folder"
+
+
+class Split(_Strict):
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    seed: int = 0
+
+
+class Dataset(_Strict):
+    source: Source
+    split: Split = Split()
+
+
+class Gaussian(_Strict):
+    dataset: str
+    kind: Literal["gaussian"]
+    factor: Annotated[float, Field(ge=0.0)] = 0.5
+    seed: int = 0
+
+
+class SaltPepper(_Strict):
+    dataset: str
+    kind: Literal["salt_pepper"]
+    amount: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    salt_vs_pepper: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    seed: int = 0
+
+
+class Colorize(_Strict):
+    dataset: str
+    kind: Literal["colorize"]
+    mode: Literal["channel", "tint"] = "channel"
+    seed: int = 0
+
+
+Corruption = Annotated[Union[Gaussian, SaltPepper, Colorize], Field(discriminator="kind")]
+
+
+class Params(_Strict):
+    """The whole of params.yaml. Sections other stages own are kept as raw data."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    limits: Limits = Limits()
+    download: Download = Download()
+    datasets: dict[str, Dataset] = {}
+    corruptions: dict[str, Corruption] = {}
+
+    @model_validator(mode="after")
+    def _corruptions_name_datasets(self) -> "Params":
+        for name, corruption in self.corruptions.items():
+            if corruption.dataset not in self.datasets:
+                raise ValueError(
+                    f"corruptions.{name}.dataset: unknown dataset {corruption.dataset!r}"
+                    f"{_suggest(corruption.dataset, self.datasets)}"
+                )
+        return self
+
+
+KNOWN_SECTIONS = ("limits", "download", "datasets", "corruptions", "experiments", "report")
+
+
+def _suggest(word: str, options) -> str:
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``loc`` (for key suggestions)."""
+    model: Any = Params
+    for part in loc:
+        if model is None:
+            return None
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None
+        if part not in fields:
+            return None
+        annotation = fields[part].annotation
+        args = getattr(annotation, "__args__", ())
+        if getattr(annotation, "__origin__", None) is dict:
+            model = None  # the next part is a free-form name
+            continue
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _format(error: dict, raw: dict) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("gaussian", "salt_pepper", "colorize"))
+    key = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1]) if loc[:-1] else Params
+        options = list(parent.model_fields) if parent else []
+        return f"{PARAMS_FILE}: unknown key '{key}'{_suggest(loc[-1], options)}"
+    if kind == "missing":
+        return f"{PARAMS_FILE}: missing key '{key}'"
+    value = _lookup(raw, loc)
+    where = f"'{key}'" if key else "top level"
+    return f"{PARAMS_FILE}: {where} = {value!r}: {error['msg']}"
+
+
+def parse(raw: Any) -> Params:
+    """Validate a params mapping; raise :class:`ParamsError` naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{PARAMS_FILE}: expected a mapping at top level, got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in KNOWN_SECTIONS]
+    if unknown:
+        raise ParamsError(
+            f"{PARAMS_FILE}: unknown key '{unknown[0]}'{_suggest(unknown[0], KNOWN_SECTIONS)}"
+        )
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError("; ".join(_format(e, raw) for e in exc.errors())) from None
+
+
+def load(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read params file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse(raw)
+
+
+def dataset(params: Params, name: str) -> Dataset:
+    """The named dataset's section, or an error suggesting the nearest name."""
+    try:
+        return params.datasets[name]
+    except KeyError:
+        raise ParamsError(
+            f"{PARAMS_FILE}: no dataset 'datasets.{name}'{_suggest(name, params.datasets)}"
+        ) from None
+
+
+def corruption(params: Params, name: str):
+    try:
+        return params.corruptions[name]
+    except KeyError:
+        raise ParamsError(
+            f"{PARAMS_FILE}: no corruption 'corruptions.{name}'{_suggest(name, params.corruptions)}"
+        ) from None
