@@ -175,10 +175,14 @@ def members(path: str | os.PathLike, source: str | None = None) -> Iterator[tupl
     source = source or str(path)
     if path.is_dir():
         return _dir_members(path, source)
-    lower = path.name.lower()
-    if lower.endswith(".zip"):
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(262)
+    except OSError as exc:
+        raise ArchiveError(f"{source}: cannot read archive ({exc.strerror})") from None
+    if head.startswith(b"PK"):
         return _zip_members(path, source)
-    if lower.endswith((".tar.gz", ".tgz", ".tar")):
+    if head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar" or str(source).lower().endswith(".tar"):
         return _tar_members(path, source)
     raise ArchiveError(f"{source}: not a directory or a {'/'.join(ARCHIVE_SUFFIXES)} archive")
 

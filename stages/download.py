@@ -113,11 +113,11 @@ def download(dataset: str, out: Path, params: params_mod.Params) -> dict:
     """Fetch ``dataset`` into ``out``; return the manifest written there."""
     source = params_mod.dataset(params, dataset).source
     settings = params.download
-    transport = Transport(retries=settings.retries, timeout_s=settings.timeout_s)
+    transport = Transport(settings.retries, settings.timeout_s, settings.backoff_s)
     cache = Path(settings.cache_dir)
     mirror = resolve_mirror(settings.mirror)
-    log.info("download %s (source %s) from %s -> %s",
-             dataset, source.name, redact(mirror) if mirror else "official host", out)
+    origin = redact(source.path) if source.path else redact(mirror) if mirror else "official host"
+    log.info("download %s (source %s) from %s -> %s", dataset, source.name, origin, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

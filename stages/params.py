@@ -39,6 +39,7 @@ class Download(_Strict):
     mirror: str | None = None
     retries: Annotated[int, Field(ge=0, le=20)] = 4
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0  # first retry wait, doubling each time
     cache_dir: str = "data/cache"
 
 
@@ -137,24 +138,29 @@ def _lookup(data: Any, loc: tuple) -> Any:
     return data
 
 
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model (or dict value type) an annotation stands for."""
+    if getattr(annotation, "__origin__", None) is dict:
+        return ("dict", annotation.__args__[1])
+    if getattr(annotation, "__metadata__", None) is not None:  # Annotated[...]
+        annotation = annotation.__origin__
+    for arg in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that holds the field at ``loc`` (for key suggestions)."""
     model: Any = Params
     for part in loc:
-        if model is None:
-            return None
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
-            return None
-        if part not in fields:
-            return None
-        annotation = fields[part].annotation
-        args = getattr(annotation, "__args__", ())
-        if getattr(annotation, "__origin__", None) is dict:
-            model = None  # the next part is a free-form name
+        if isinstance(model, tuple):  # inside a dict: ``part`` is a free-form name
+            model = _model_of(model[1])
             continue
-        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return model
+        if model is None or part not in getattr(model, "model_fields", {}):
+            return None
+        model = _model_of(model.model_fields[part].annotation)
+    return model if isinstance(model, type) else None
 
 
 def _format(error: dict, raw: dict) -> str:
@@ -165,6 +171,9 @@ def _format(error: dict, raw: dict) -> str:
         parent = _model_at(loc[:-1]) if loc[:-1] else Params
         options = list(parent.model_fields) if parent else []
         return f"{PARAMS_FILE}: unknown key '{key}'{_suggest(loc[-1], options)}"
+    if kind == "union_tag_invalid":
+        value = _lookup(raw, loc + ("kind",))
+        return f"{PARAMS_FILE}: '{key}.kind' = {value!r}: expected one of {error['ctx']['expected_tags']}"
     if kind == "missing":
         return f"{PARAMS_FILE}: missing key '{key}'"
     value = _lookup(raw, loc)

@@ -1,0 +1,90 @@
+"""Shared fixtures: a project folder with params.yaml, and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        server = self.server
+        server.hits[self.path] += 1
+        if server.failures.get(self.path, 0) > 0:
+            server.failures[self.path] -= 1
+            self.send_error(503, "try again")
+            return
+        super().do_GET()
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+class LocalServer:
+    """A ThreadingHTTPServer serving ``root``; can fail the next N requests of a path."""
+
+    def __init__(self, root: Path):
+        handler = functools.partial(_Handler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.hits = Counter()
+        self.httpd.failures = {}
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def hits(self) -> Counter:
+        return self.httpd.hits
+
+    def fail_next(self, path: str, times: int) -> None:
+        self.httpd.failures[path] = times
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_root(tmp_path) -> Path:
+    root = tmp_path / "served"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def server(http_root):
+    srv = LocalServer(http_root)
+    yield srv
+    srv.close()
+
+
+class Project(type(Path())):
+    """A project folder path whose ``write(params)`` saves its params.yaml."""
+
+    def write(self, params: dict) -> Path:
+        path = self / "params.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """An empty project folder as the working directory."""
+    root = Project(tmp_path / "project")
+    root.mkdir()
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DATA_MIRROR", raising=False)
+    return root
+
+
+def params_for(datasets: dict, **sections) -> dict:
+    """A params mapping with fast download settings for tests."""
+    base = {"download": {"retries": 2, "timeout_s": 5, "backoff_s": 0.01, "cache_dir": "data/cache"}, "datasets": datasets}
+    base.update(sections)
+    return base

@@ -1,0 +1,81 @@
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.images import DatasetFile, DatasetFileError, Split, load, save, to_unit_float
+
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+
+
+def _dataset(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    splits = {
+        name: Split(rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), np.arange(n) % 2)
+        for name in ("train", "val", "test")
+    }
+    return DatasetFile(splits, ["a", "b"], {"dataset": "toy"})
+
+
+def test_to_unit_float_exact_range():
+    x = to_unit_float(np.array([0, 1, 128, 255], np.uint8))
+    assert x.dtype == np.float32
+    assert x[0] == 0.0 and x[-1] == 1.0
+    assert np.allclose(x, [0, 1 / 255, 128 / 255, 1], atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3, np.float32), np.zeros(3, np.int64), [0, 255]])
+def test_to_unit_float_refuses_anything_but_uint8(bad):
+    with pytest.raises(TypeError, match="expects uint8"):
+        to_unit_float(bad)
+
+
+def test_train_and_test_are_scaled_identically():
+    data = _dataset()
+    data.splits["test"].images[:] = data.splits["train"].images  # the same pixels in both
+    train, test = (to_unit_float(data.splits[s].images) for s in ("train", "test"))
+    assert np.array_equal(train, test)
+    assert 0.0 <= train.min() and train.max() <= 1.0
+    with pytest.raises(TypeError):  # scaling an already scaled split fails loudly
+        to_unit_float(test)
+
+
+def test_no_other_code_scales_pixels():
+    """The seed bug: test images not scaled like train. Only images.py may divide by 255."""
+    pattern = re.compile(r"/\s*255|\*\s*\(?1\.?0?\s*/\s*255")
+    offenders = [
+        f"{path.name}:{n}"
+        for path in STAGES.glob("*.py") if path.name != "images.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def test_save_load_round_trip_and_determinism(tmp_path):
+    data = _dataset()
+    save(tmp_path / "a.npz", data)
+    save(tmp_path / "b.npz", _dataset())
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    back = load(tmp_path / "a.npz")
+    assert back.class_names == ["a", "b"] and back.meta == {"dataset": "toy"}
+    for name, split in data.splits.items():
+        assert np.array_equal(back.splits[name].images, split.images)
+        assert back.splits[name].labels.dtype == np.int64
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetFileError, match=r"missing.npz: dataset file not found"):
+        load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetFileError, match=r"junk.npz: not a valid dataset file"):
+        load(tmp_path / "junk.npz")
+
+
+def test_split_validates_shapes():
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        Split(np.zeros((2, 4, 4), np.uint8), np.zeros(2))
+    with pytest.raises(ValueError, match="does not match 2 images"):
+        Split(np.zeros((2, 4, 4, 1), np.uint8), np.zeros(3))

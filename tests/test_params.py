@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import params
+from stages.params import ParamsError
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+GOOD = {
+    "datasets": {"mnist": {"source": {"builtin": "mnist"}}},
+    "corruptions": {"noisy": {"dataset": "mnist", "kind": "gaussian", "factor": 0.5}},
+}
+
+
+def _with(path: str, value, base=GOOD):
+    import copy
+    raw = copy.deepcopy(base)
+    node = raw
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return raw
+
+
+def test_repo_params_yaml_is_valid():
+    loaded = params.load(REPO_PARAMS)
+    assert loaded.datasets["cifar10"].source.builtin in ("cifar10", "cifar10_jpeg")
+    for corruption in loaded.corruptions.values():
+        assert corruption.dataset in loaded.datasets
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("limitz", {}, "unknown key 'limitz' (did you mean 'limits'?)"),
+        ("download.mirrror", "x", "unknown key 'download.mirrror' (did you mean 'mirror'?)"),
+        ("datasets.mnist.split.val_fracton", 0.1, "unknown key 'datasets.mnist.split.val_fracton' (did you mean 'val_fraction'?)"),
+        ("corruptions.noisy.factor", -0.5, "'corruptions.noisy.factor' = -0.5: Input should be greater than or equal to 0"),
+        ("corruptions.noisy.factor", "loud", "'corruptions.noisy.factor' = 'loud'"),
+        ("corruptions.noisy.kind", "blur", "'corruptions.noisy.kind' = 'blur'"),
+        ("corruptions.noisy.dataset", "mnsit", "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
+        ("limits.max_samples", 0, "'limits.max_samples' = 0"),
+        ("datasets.mnist.split.val_fraction", 1.5, "'datasets.mnist.split.val_fraction' = 1.5"),
+        ("datasets.mnist.source", {"builtin": "mnist", "path": "x.zip"}, "exactly one of 'builtin' or 'path'"),
+        ("datasets.mnist.source", {"builtin": "imagenet"}, "'datasets.mnist.source.builtin' = 'imagenet'"),
+        ("datasets.mnist.source", {"path": "x.zip", "sha256": "abc"}, "'datasets.mnist.source.sha256' = 'abc'"),
+    ],
+)
+def test_bad_values_name_key_and_value(path, value, message):
+    with pytest.raises(ParamsError) as err:
+        params.parse(_with(path, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_names_suggest(tmp_path):
+    loaded = params.parse(GOOD)
+    with pytest.raises(ParamsError, match=r"no dataset 'datasets.mnsit' \(did you mean 'mnist'\?\)"):
+        params.dataset(loaded, "mnsit")
+    with pytest.raises(ParamsError, match=r"no corruption 'corruptions.nosy' \(did you mean 'noisy'\?\)"):
+        params.corruption(loaded, "nosy")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match=r"nope.yaml: cannot read params file"):
+        params.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml: not valid YAML"):
+        params.load(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        params.load(listy)
+
+
+def test_defaults():
+    loaded = params.parse(GOOD)
+    assert loaded.limits.max_samples is None and loaded.limits.max_epochs is None
+    assert loaded.datasets["mnist"].split.val_fraction == 0.1
+    assert loaded.download.retries == 4

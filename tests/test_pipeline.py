@@ -1,0 +1,94 @@
+"""The data pipeline through real DVC commands on a tiny image-folder dataset."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import builders
+from stages.images import load
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = shutil.which("dvc", path=os.path.dirname(sys.executable)) or shutil.which("dvc")
+
+
+def _run(cwd, *args, check=True):
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("DATA_MIRROR", None)
+    result = subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def dvc_project(tmp_path):
+    root = tmp_path / "proj"
+    root.mkdir()
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    folder = tmp_path / "pets"
+    builders.image_folder(folder, classes=("cat", "dog"), per_class=4, mode="L")
+    archive = builders.tar_gz(folder, tmp_path / "pets.tar.gz")
+    params = {
+        "limits": {"max_samples": None, "max_epochs": None},
+        "download": {"retries": 0, "cache_dir": "data/cache"},
+        "datasets": {"pets": {"source": {"path": str(archive), "sha256": builders.sha256(archive.read_bytes())},
+                              "split": {"val_fraction": 0.25, "seed": 0}}},
+        "corruptions": {"pets_noisy": {"dataset": "pets", "kind": "gaussian", "factor": 0.3, "seed": 0},
+                        "pets_rgb": {"dataset": "pets", "kind": "colorize", "mode": "channel", "seed": 0}},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _run(root, "init", "-q")
+    return root, params
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_then_noop_then_only_changed_stage(dvc_project):
+    dvc_project, params = dvc_project
+    first = _run(dvc_project, "repro")
+    assert _ran(first.stdout) == {"download@pets", "prepare@pets", "corrupt@pets_noisy", "corrupt@pets_rgb"}
+    data = load(dvc_project / "data/prepared/pets.npz")
+    assert data.meta["counts"] == {"train": 6, "val": 2, "test": 8}
+    assert load(dvc_project / "data/corrupted/pets_rgb.npz").image_shape == (6, 8, 3)
+
+    again = _run(dvc_project, "repro")
+    assert _ran(again.stdout) == set()
+    assert "Data and pipelines are up to date" in again.stdout
+
+    params["corruptions"]["pets_noisy"]["factor"] = 0.6
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run(dvc_project, "repro")
+    assert _ran(changed.stdout) == {"corrupt@pets_noisy"}
+
+    status = _run(dvc_project, "status")
+    assert "up to date" in status.stdout
+
+
+def test_bad_archive_fails_repro_and_leaves_no_output(dvc_project, tmp_path):
+    dvc_project, params = dvc_project
+    archive = Path(params["datasets"]["pets"]["source"]["path"])
+    archive.write_bytes(archive.read_bytes()[:200])  # truncated: checksum no longer matches
+    result = _run(dvc_project, "repro", "download@pets", check=False)
+    assert result.returncode != 0
+    assert "checksum mismatch" in result.stderr + result.stdout
+    assert not (dvc_project / "data/raw/pets").exists()
+    assert not [p for p in (dvc_project / "data").rglob("*") if "partial" in p.name or ".tmp" in p.name]
+
+
+def test_bad_params_fail_before_work(dvc_project):
+    dvc_project, params = dvc_project
+    params["corruptions"]["pets_noisy"]["factr"] = 0.6
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = _run(dvc_project, "repro", "download@pets", check=False)
+    assert result.returncode != 0
+    assert "unknown key 'corruptions.pets_noisy.factr' (did you mean 'factor'?)" in result.stderr
+    assert not (dvc_project / "data/raw/pets").exists()
