@@ -63,7 +63,8 @@ def _builtin(name: str, staging: Path, mirror: str | None, transport: Transport,
         fetch(where, cached, verify, transport)
         copy_verified(cached, staging / file.name)
         files[file.name] = file.sha256
-    return {"source": spec.name, "format": spec.format, "files": files}
+    checksum = "sha256 of decompressed payload" if spec.files[0].payload else "sha256 of file"
+    return {"source": spec.name, "format": spec.format, "files": files, "checksum": checksum}
 
 
 def snapshot_directory(folder: Path, target: Path) -> None:
@@ -106,7 +107,8 @@ def _image_folder(source, staging: Path, transport: Transport, cache: Path) -> d
             "%s: no sha256 pinned, so its content is not checked against one; "
             "pin it with sha256: %s", redact(where), digest,
         )
-    return {"source": "image_folder", "format": "image_folder", "files": {target.name: digest}}
+    return {"source": "image_folder", "format": "image_folder", "files": {target.name: digest},
+            "checksum": "sha256 of file"}
 
 
 def download(dataset: str, out: Path, params: params_mod.Params) -> dict:
