@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import stat
 import tarfile
 import zipfile
@@ -82,8 +83,10 @@ def safe_name(name: str, source: str) -> str:
     if "\\" in name:
         name = name.replace("\\", "/")
     path = PurePosixPath(name)
-    if path.is_absolute() or (path.parts and ":" in path.parts[0]):
-        raise ArchiveError(f"{source}: member {name!r} has an absolute path; refusing to read the archive")
+    if path.is_absolute() or (path.parts and re.match(r"^[A-Za-z]:", path.parts[0])):
+        raise ArchiveError(
+            f"{source}: member {name!r} has an absolute path or drive letter; refusing to read the archive"
+        )
     if ".." in path.parts:
         raise ArchiveError(f"{source}: member {name!r} escapes the archive folder ('..'); refusing")
     return str(path)
@@ -124,6 +127,10 @@ def _tar_members(path: Path, source: str) -> Iterator[tuple[str, bytes]]:
                 if len(data) != member.size:
                     raise ArchiveError(f"{source}: member {name!r} is truncated")
                 yield name, data
+            # tarfile stops quietly at a true end of file as well as at the zero
+            # end-of-archive block; only the latter means the archive is whole.
+            if archive.fileobj.tell() < archive.offset + tarfile.BLOCKSIZE:
+                raise ArchiveError(f"{source}: truncated or corrupt archive (no end-of-archive marker)")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         raise ArchiveError(f"{source}: truncated or corrupt archive ({exc})") from None
 
@@ -139,7 +146,7 @@ def _zip_members(path: Path, source: str) -> Iterator[tuple[str, bytes]]:
                     raise ArchiveError(f"{source}: member {name!r} is a link; links are refused")
                 if info.is_dir():
                     continue
-                if mode and not stat.S_ISREG(mode):
+                if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                     raise ArchiveError(f"{source}: member {name!r} is a device or FIFO; refused")
                 budget.member(name, info.file_size)
                 with archive.open(info) as handle:

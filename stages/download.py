@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from stages import cli, params as params_mod
 from stages.archives import is_archive, members, verify_archive
 from stages.fetch import (
-    FetchError, Transport, check_sha256, copy_verified, fetch, local_path, redact, sha256_file,
+    ChecksumError, FetchError, Transport, check_sha256, copy_verified, fetch, local_path, redact, sha256_file,
 )
 from stages.sources import SOURCES, location
 
@@ -79,6 +79,8 @@ def snapshot_directory(folder: Path, target: Path) -> None:
 def _image_folder(source, staging: Path, transport: Transport, cache: Path) -> dict:
     where = source.path
     path = local_path(where)
+    if path is not None and not path.exists():
+        raise FetchError(f"{redact(where)}: not found")
     if path is not None and path.is_dir():
         target = staging / "images.tar"
         snapshot_directory(path, target)
@@ -102,6 +104,11 @@ def _image_folder(source, staging: Path, transport: Transport, cache: Path) -> d
         else:
             fetch(where, target, verify, transport)
     digest = sha256_file(target)
+    if path is not None and path.is_dir() and source.sha256 not in (None, digest):
+        raise ChecksumError(
+            f"{redact(where)}: checksum mismatch: expected sha256 {source.sha256} of the folder's "
+            f"snapshot (images.tar), got {digest}"
+        )
     if source.sha256 is None:
         log.warning(
             "%s: no sha256 pinned, so its content is not checked against one; "
@@ -117,7 +124,7 @@ def download(dataset: str, out: Path, params: params_mod.Params) -> dict:
     settings = params.download
     transport = Transport(settings.retries, settings.timeout_s, settings.backoff_s)
     cache = Path(settings.cache_dir)
-    mirror = resolve_mirror(settings.mirror)
+    mirror = resolve_mirror(settings.mirror) if source.builtin else None
     origin = redact(source.path) if source.path else redact(mirror) if mirror else "official host"
     log.info("download %s (source %s) from %s -> %s", dataset, source.name, origin, out)
     out.parent.mkdir(parents=True, exist_ok=True)

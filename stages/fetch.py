@@ -118,7 +118,8 @@ def _http_get(url: str, tmp: Path, transport: Transport, desc: str) -> None:
             with open(tmp, "wb") as handle, tqdm(
                 total=total, unit="B", unit_scale=True, desc=desc, disable=None, leave=False
             ) as bar:
-                for chunk in response.iter_content(CHUNK):
+                # Raw bytes as sent: a .gz served with Content-Encoding: gzip stays compressed.
+                for chunk in response.raw.stream(CHUNK, decode_content=False):
                     handle.write(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
