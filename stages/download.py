@@ -60,7 +60,15 @@ def _builtin(name: str, staging: Path, mirror: str | None, transport: Transport,
         def verify(path: Path, file=file, where=where) -> None:
             check_sha256(path, file.sha256, redact(where), payload=file.payload)
 
-        fetch(where, cached, verify, transport)
+        try:
+            fetch(where, cached, verify, transport)
+        except FetchError as exc:
+            if mirror and name == "cifar10":
+                raise FetchError(
+                    f"{exc}. This mirror may hold only the JPEG copy of CIFAR-10: set "
+                    "datasets.cifar10.source.builtin: cifar10_jpeg in params.yaml"
+                ) from None
+            raise
         copy_verified(cached, staging / file.name)
         files[file.name] = file.sha256
     checksum = "sha256 of decompressed payload" if spec.files[0].payload else "sha256 of file"

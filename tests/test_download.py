@@ -617,6 +617,18 @@ def test_cifar10_jpeg_without_a_mirror_has_no_official_host(project, caplog):
     assert_failed_cleanly(project, Path("data/raw/cifar10"))
 
 
+def test_official_cifar10_missing_from_mirror_points_at_the_switch(project, caplog, monkeypatch, tmp_path):
+    mirror = tmp_path / "mirror"
+    (mirror / "cifar10-jpeg").mkdir(parents=True)
+    monkeypatch.setenv("DATA_MIRROR", str(mirror))
+    project.write(params_for({"cifar10": {"source": {"builtin": "cifar10"}}}))
+    code, error = run(caplog, "cifar10")
+    assert code == 1
+    assert "cifar10/cifar-10-python.tar.gz: not found" in error
+    assert "datasets.cifar10.source.builtin: cifar10_jpeg" in error
+    assert_failed_cleanly(project, Path("data/raw/cifar10"))
+
+
 # --------------------------------------------------------------------------- credentials in URLs
 
 
