@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.errors import PipelineError
+from stages.experiment_params import Experiment
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -107,15 +108,26 @@ class Params(_Strict):
     download: Download = Download()
     datasets: dict[str, Dataset] = {}
     corruptions: dict[str, Corruption] = {}
+    experiments: dict[str, Experiment] = {}
 
     @model_validator(mode="after")
-    def _corruptions_name_datasets(self) -> "Params":
+    def _names_resolve(self) -> "Params":
         for name, corruption in self.corruptions.items():
             if corruption.dataset not in self.datasets:
                 raise ValueError(
                     f"corruptions.{name}.dataset: unknown dataset {corruption.dataset!r}"
                     f"{_suggest(corruption.dataset, self.datasets)}"
                 )
+        known = {"prepared": self.datasets, "corrupted": self.corruptions}
+        for name, experiment in self.experiments.items():
+            for field in ("input", "target"):
+                ref = getattr(experiment.data, field)
+                kind, stem = ref.split("/", 1)
+                if stem not in known[kind]:
+                    raise ValueError(
+                        f"experiments.{name}.data.{field}: {ref!r} names no entry of "
+                        f"'{'datasets' if kind == 'prepared' else 'corruptions'}'{_suggest(stem, known[kind])}"
+                    )
         return self
 
 
@@ -164,7 +176,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 def _format(error: dict, raw: dict) -> str:
-    loc = tuple(p for p in error["loc"] if p not in ("gaussian", "salt_pepper", "colorize"))
+    loc = tuple(p for p in error["loc"] if p not in ("gaussian", "salt_pepper", "colorize", "conv_autoencoder", "cnn"))
     key = ".".join(str(p) for p in loc)
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -219,6 +231,15 @@ def dataset(params: Params, name: str) -> Dataset:
     except KeyError:
         raise ParamsError(
             f"{PARAMS_FILE}: no dataset 'datasets.{name}'{_suggest(name, params.datasets)}"
+        ) from None
+
+
+def experiment(params: Params, name: str) -> Experiment:
+    try:
+        return params.experiments[name]
+    except KeyError:
+        raise ParamsError(
+            f"{PARAMS_FILE}: no experiment 'experiments.{name}'{_suggest(name, params.experiments)}"
         ) from None
 
 

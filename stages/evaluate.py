@@ -1,0 +1,149 @@
+"""DVC stage ``evaluate@<experiment>``: test-set metrics, images and plots.
+
+Autoencoders: MSE, BCE, PSNR, SSIM, the seed's Keras "accuracy", the
+compression ratio and a PCA baseline PSNR at the same latent size (and, for
+denoising, the PSNR of the noisy input). Classifiers: accuracy, loss,
+per-class accuracy and the confusion matrix. The same numbers go to
+``metrics/<experiment>.json`` (DVC metrics) and to the experiment's MLflow
+run (the one train logged into), with the images in ``reports/<experiment>/``
+and the per-epoch curves in ``plots/<experiment>.json`` (DVC plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stages import cli, metrics, params as params_mod, plots, tracking  # noqa: E402
+from stages.errors import PipelineError  # noqa: E402
+from stages.experiment_data import ExperimentData  # noqa: E402
+from stages.images import to_unit_float  # noqa: E402
+from stages.models import latent_shape  # noqa: E402
+
+log = logging.getLogger("stages.evaluate")
+
+GRID_IMAGES = 10
+PCA_TRAIN = 20_000
+
+
+def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Predictions in float32, scaling one batch of uint8 images at a time."""
+    return np.concatenate([
+        np.asarray(model.predict_on_batch(to_unit_float(x_uint8[i:i + batch_size])), dtype=np.float32)
+        for i in range(0, len(x_uint8), batch_size)
+    ])
+
+
+def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
+    test = data.split("test")
+    target, output = to_unit_float(test.y), predict(model, test.x)
+    image = np.clip(output, 0.0, 1.0)
+    latent = latent_shape(exp.model.spec(), target.shape[1:])
+    train_targets = data.split(*exp.data.train_on.split("+")).y
+    rows = np.sort(np.random.default_rng(0).permutation(len(train_targets))[:PCA_TRAIN])
+    latent_size = int(np.prod(latent))
+    results = {
+        "mse": metrics.mse(target, output),
+        "bce": metrics.bce(target, output),
+        "psnr": metrics.psnr(target, image),
+        "ssim": metrics.ssim(target, image),
+        "keras_accuracy": metrics.keras_accuracy(target, output),
+        "latent_size": latent_size,
+        "compression_ratio": metrics.compression_ratio(target.shape[1:], latent),
+        "pca_baseline_psnr": metrics.pca_baseline_psnr(
+            to_unit_float(train_targets[rows]), target, n_components=min(latent_size, target[0].size)),
+    }
+    grid = {"original": target[:GRID_IMAGES]}
+    if exp.data.input != exp.data.target:
+        noisy = to_unit_float(test.x)
+        results["psnr_input"] = metrics.psnr(target, noisy)
+        grid["corrupted input"] = noisy[:GRID_IMAGES]
+    grid["reconstruction"] = image[:GRID_IMAGES]
+    plots.reconstruction_grid(grid, folder / "reconstructions.png", max_images=GRID_IMAGES)
+    return results
+
+
+def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
+    test = data.split("test")
+    probabilities = predict(model, test.x)
+    predicted = probabilities.argmax(axis=1)
+    labels = test.y
+    chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    cm = metrics.confusion_matrix(labels, predicted, len(data.class_names))
+    per_class = metrics.per_class_accuracy(cm)
+    (folder / "confusion.json").write_text(json.dumps({
+        "class_names": data.class_names, "confusion_matrix": cm.tolist(),
+        "per_class_accuracy": dict(zip(data.class_names, map(float, per_class))),
+    }, indent=2) + "\n")
+    plots.confusion_matrix_plot(cm, data.class_names, folder / "confusion_matrix.png")
+    plots.misclassified_grid(to_unit_float(test.x), labels, predicted, data.class_names,
+                             folder / "misclassified.png")
+    results = {"accuracy": float((predicted == labels).mean()), "loss": float(-np.log(chosen).mean()),
+               "min_class_accuracy": float(per_class.min())}
+    results.update({f"class_accuracy.{c}": float(a) for c, a in zip(data.class_names, per_class)})
+    return results
+
+
+def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file: Path,
+             reports: Path, plots_file: Path) -> dict:
+    import mlflow
+
+    exp = params_mod.experiment(params, name)
+    data = ExperimentData(name, exp)
+    ref = tracking.load_run_ref(model_dir / "run.json")
+    try:
+        model = keras.models.load_model(model_dir / "model.keras")
+        history = json.loads((model_dir / "history.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{model_dir}: cannot load the trained model ({exc}); run train@{name}") from None
+    log.info("evaluate %s: %s on the test split of %s (%s)", name, exp.task, exp.data.input, data.source)
+    reports.mkdir(parents=True, exist_ok=True)
+    compute = autoencoder_metrics if exp.task == "autoencoder" else classifier_metrics
+    results = compute(name, exp, data, model, reports)
+    results = {key: round(float(value), 6) for key, value in results.items()}
+    epochs = len(next(iter(history.values()), []))
+    plots.loss_curves(history, reports / "curves.png")
+    summary = {"experiment": name, "task": exp.task, "dataset": exp.data.input, "dataset_source": data.source,
+               "epochs": epochs, "test": results}
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
+    plots_file.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]
+    plots_file.write_text(json.dumps(records, indent=2) + "\n")
+
+    tracking.connect(exp.task)
+    with mlflow.start_run(run_id=ref["run_id"]):
+        mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
+        mlflow.log_artifacts(str(reports), "evaluation")
+        mlflow.log_artifact(str(metrics_file), "evaluation")
+        mlflow.set_tag("evaluated_by", f"evaluate@{name}")
+    log.info("evaluate %s: %s", name, {k: v for k, v in results.items() if not k.startswith("class_")})
+    return summary
+
+
+def main(argv=None) -> int:
+    def configure(parser):
+        parser.add_argument("experiment", help="an experiment named under 'experiments' in params.yaml")
+        parser.add_argument("--model", type=Path, help="train output folder (default: models/<experiment>)")
+        parser.add_argument("--metrics", type=Path, help="metrics file (default: metrics/<experiment>.json)")
+        parser.add_argument("--reports", type=Path, help="images folder (default: reports/<experiment>)")
+        parser.add_argument("--plots", type=Path, help="curves file (default: plots/<experiment>.json)")
+
+    def body(args):
+        name = args.experiment
+        evaluate(name, params_mod.load(args.params), args.model or Path("models") / name,
+                 args.metrics or Path("metrics") / f"{name}.json", args.reports or Path("reports") / name,
+                 args.plots or Path("plots") / f"{name}.json")
+
+    return cli.run("evaluate", __doc__.splitlines()[0], body, configure, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

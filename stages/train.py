@@ -1,0 +1,261 @@
+"""DVC stage ``train@<experiment>``: fit a Keras model, tracked in MLflow.
+
+Writes ``models/<experiment>/model.keras``, ``history.json`` and ``run.json``
+(the MLflow run id, which the evaluate stage logs into). Training runs one
+``model.fit`` epoch at a time over a permutation seeded from
+``(seed, epoch)``, and after each epoch saves a checkpoint to
+``checkpoints/<experiment>/`` (model with optimizer state, the layers' RNG
+states, the history and the MLflow run id), written atomically. A run that
+was killed resumes from its last checkpoint when the stage runs again and
+ends with the same weights as an uninterrupted run. A checkpoint is used only
+if it was made with the same params and data (a fingerprint says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stages import cli, params as params_mod, tracking  # noqa: E402
+from stages.errors import PipelineError  # noqa: E402
+from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
+from stages.experiment_params import Experiment  # noqa: E402
+from stages.images import to_unit_float  # noqa: E402
+from stages.models import build_autoencoder, build_classifier  # noqa: E402
+
+log = logging.getLogger("stages.train")
+
+LOSSES = {"mse": "mean_squared_error", "bce": "binary_crossentropy",
+          "sparse_categorical_crossentropy": "sparse_categorical_crossentropy"}
+
+
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite."""
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss and remembers where."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+        self.hit: tuple[int, int] | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.hit = (self.epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+
+def configure_backend(seed: int, mixed_precision: bool) -> None:
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # the one backend switch: deterministic kernels on TF
+
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_precision else "float32")
+
+
+def build(exp: Experiment, image_shape, num_classes: int) -> keras.Model:
+    if exp.task == "autoencoder":
+        model, _ = build_autoencoder(exp.model.spec(), image_shape)
+    else:
+        model = build_classifier(exp.model.spec(num_classes), image_shape)
+    t = exp.training
+    optimizer = keras.optimizers.get(t.optimizer)
+    if t.learning_rate is not None:
+        optimizer.learning_rate = t.learning_rate
+    model.compile(optimizer=optimizer, loss=LOSSES[t.loss], metrics=list(t.metrics),
+                  jit_compile=t.jit_compile, steps_per_execution=t.steps_per_execution)
+    return model
+
+
+def rng_states(model: keras.Model) -> list[np.ndarray]:
+    """Variables that are not weights: the seed generators' states (dropout masks)."""
+    weights = {id(w) for w in model.weights}
+    return [np.asarray(v.numpy()) for v in model.variables if id(v) not in weights]
+
+
+def restore_rng_states(model: keras.Model, states: list[np.ndarray]) -> None:
+    weights = {id(w) for w in model.weights}
+    variables = [v for v in model.variables if id(v) not in weights]
+    if len(variables) != len(states):
+        raise PipelineError(f"checkpoint holds {len(states)} RNG states, model has {len(variables)}")
+    for variable, state in zip(variables, states):
+        variable.assign(state)
+
+
+class Checkpoint:
+    """``checkpoints/<experiment>/``: last.keras, rng.npz, then state.json last of all."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+
+    def load(self) -> tuple[keras.Model, dict] | None:
+        try:
+            state = json.loads((self.folder / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if state.get("complete"):
+            return None  # a finished run: a forced re-run trains afresh
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("checkpoint in %s is for other params or data; starting afresh", self.folder)
+            return None
+        model = keras.models.load_model(self.folder / "last.keras")
+        with np.load(self.folder / "rng.npz") as rng:
+            restore_rng_states(model, [rng[f"s{i}"] for i in range(len(rng.files))])
+        return model, state
+
+    def save(self, model: keras.Model, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "state.json").unlink(missing_ok=True)  # never pair old state with new files
+        model.save(self.folder / ".last.keras")
+        os.replace(self.folder / ".last.keras", self.folder / "last.keras")
+        np.savez(self.folder / ".rng.npz", **{f"s{i}": s for i, s in enumerate(rng_states(model))})
+        os.replace(self.folder / ".rng.npz", self.folder / "rng.npz")
+        (self.folder / ".state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
+        os.replace(self.folder / ".state.json", self.folder / "state.json")
+
+    def complete(self) -> None:
+        path = self.folder / "state.json"
+        state = json.loads(path.read_text())
+        (self.folder / ".state.json").write_text(json.dumps({**state, "complete": True}))
+        os.replace(self.folder / ".state.json", path)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def log_model(model: keras.Model, example: np.ndarray) -> None:
+    """Log the model as the run's ``model`` artifact, with signature and input example.
+
+    Saved through ``mlflow.keras.save_model`` into a folder created first:
+    MLflow 3.17's ``log_model`` writes the input example before it creates the
+    model folder and fails.
+    """
+    import tempfile
+
+    import mlflow
+
+    signature = mlflow.models.infer_signature(example, np.asarray(model.predict(example, verbose=0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        mlflow.keras.save_model(model, str(folder), signature=signature, input_example=example,
+                                pip_requirements=[f"keras=={keras.__version__}"])
+        mlflow.log_artifacts(str(folder), "model")
+
+
+def epochs_for(exp: Experiment, limits) -> int:
+    return min(exp.training.epochs, limits.max_epochs or exp.training.epochs)
+
+
+def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
+        history: dict, on_epoch) -> dict:
+    """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after each one."""
+    x_val, y_val = to_unit_float(val.x), (to_unit_float(val.y) if exp.task == "autoencoder" else val.y)
+    guard = NanGuard()
+    verbose = 1 if sys.stderr.isatty() else 2
+    for epoch in range(start, epochs):
+        order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
+        x = to_unit_float(train.x[order])
+        y = to_unit_float(train.y[order]) if exp.task == "autoencoder" else train.y[order]
+        result = model.fit(x, y, batch_size=exp.training.batch_size, epochs=epoch + 1, initial_epoch=epoch,
+                           shuffle=False, validation_data=(x_val, y_val), callbacks=[guard], verbose=verbose)
+        if guard.hit:
+            raise TrainingDiverged(
+                f"experiments.{name}: loss became NaN/inf at epoch {guard.hit[0]}, batch {guard.hit[1]}; "
+                "lower training.learning_rate or check the data; no model was written"
+            )
+        logs = {key: float(values[-1]) for key, values in result.history.items()}
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        on_epoch(epoch, logs)
+    return history
+
+
+def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) -> dict:
+    import mlflow
+
+    exp = params_mod.experiment(params, name)
+    data = ExperimentData(name, exp)
+    train_arrays, val_arrays = data.training()
+    epochs = epochs_for(exp, params.limits)
+    image_shape = tuple(train_arrays.x.shape[1:])
+    configure_backend(exp.training.seed, exp.training.mixed_precision)
+    inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
+    config = exp.model_dump(mode="json")
+    fingerprint = tracking.params_hash({"config": config, "epochs": epochs,
+                                        "data": tracking.data_hashes(inputs), "samples": len(train_arrays)})
+    checkpoint = Checkpoint(checkpoints, fingerprint)
+    resumed = checkpoint.load()
+    if resumed:
+        model, state = resumed
+        start, history, run_id = state["epoch"], state["history"], state["run_id"]
+        log.info("train %s: resuming from checkpoint after epoch %d of %d", name, start, epochs)
+    else:
+        checkpoint.clear()
+        model = build(exp, image_shape, len(data.class_names))
+        start, history, run_id = 0, {}, None
+    log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s",
+             name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
+             epochs, exp.training.batch_size, keras.backend.backend())
+    experiment_id = tracking.connect(exp.task)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    try:
+        if run_id is None:
+            mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
+                               "train_samples": len(train_arrays), "val_samples": len(val_arrays)})
+            mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
+
+        def on_epoch(epoch: int, logs: dict) -> None:
+            mlflow.log_metrics(logs, step=epoch + 1)
+            checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run.info.run_id})
+
+        fit(name, exp, train_arrays, val_arrays, model, start, epochs, history, on_epoch)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save(out / ".model.keras")
+        os.replace(out / ".model.keras", out / "model.keras")
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        log_model(model, to_unit_float(train_arrays.x[:4]))
+        tracking.save_run_ref(out / "run.json", run.info.run_id, experiment_id)
+        checkpoint.complete()
+        mlflow.end_run()
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    final = {key: values[-1] for key, values in history.items()}
+    log.info("train %s: %s", name, {k: round(v, 5) for k, v in final.items()})
+    return final
+
+
+def main(argv=None) -> int:
+    def configure(parser):
+        parser.add_argument("experiment", help="an experiment named under 'experiments' in params.yaml")
+        parser.add_argument("--out", type=Path, help="output folder (default: models/<experiment>)")
+        parser.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: checkpoints/<experiment>)")
+
+    def body(args):
+        params = params_mod.load(args.params)
+        train(args.experiment, params, args.out or Path("models") / args.experiment,
+              args.checkpoints or Path("checkpoints") / args.experiment)
+
+    return cli.run("train", __doc__.splitlines()[0], body, configure, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
