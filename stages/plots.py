@@ -95,7 +95,7 @@ def reconstruction_grid(rows: Mapping[str, np.ndarray], path: Path | str, max_im
 def _log_scale_wanted(values: np.ndarray) -> bool:
     """Log y-axis when every (finite) value is positive and they span more than 20x."""
     values = values[np.isfinite(values)]
-    return bool(values.size and values.min() > 0 and values.max() / values.min() > 200)
+    return bool(values.size and values.min() > 0 and values.max() / values.min() > 20)
 
 
 def loss_curves(history: Mapping[str, Sequence[float]], path: Path | str) -> Path:

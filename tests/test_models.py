@@ -1,0 +1,105 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.models import (
+    AutoencoderSpec, ClassifierSpec, ConvBlock, build_autoencoder, build_classifier, encoder_pools, latent_shape,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mnist_cae_matches_the_seed_model():
+    spec = AutoencoderSpec(filters=(16, 8), poolings=2)
+    model, encoder = build_autoencoder(spec, (28, 28, 1))
+    assert encoder.output.shape[1:] == (7, 7, 8)
+    assert model.output.shape[1:] == (28, 28, 1)
+    # 3x3 convs: 1->16, 16->8 | 8->8, 8->16, 16->1, each with biases
+    assert model.count_params() == (9 * 1 * 16 + 16) + (9 * 16 * 8 + 8) + (9 * 8 * 8 + 8) + (9 * 8 * 16 + 16) + (9 * 16 + 1)
+
+
+@pytest.mark.parametrize("poolings, pools, latent", [
+    (4, [True, True, True, True], (2, 2, 8)),
+    (3, [True, True, False, True], (4, 4, 8)),  # the asker removed the third pooling
+])
+def test_cifar_cae_poolings(poolings, pools, latent):
+    spec = AutoencoderSpec(filters=(64, 32, 16, 8), poolings=poolings, output_activation="linear")
+    assert encoder_pools(spec) == pools
+    model, encoder = build_autoencoder(spec, (32, 32, 3))
+    assert encoder.output.shape[1:] == latent
+    assert model.output.shape[1:] == (32, 32, 3)
+    ups = [layer.name for layer in model.layers if layer.name.startswith("dec_up")]
+    assert len(ups) == poolings
+    assert model.get_layer("reconstruction").get_config()["activation"] == "linear"
+
+
+def test_latent_size_must_divide_the_image():
+    spec = AutoencoderSpec(filters=(16, 8, 8), poolings=3)
+    with pytest.raises(ValueError, match="3 poolings need image sides divisible by 8, got 28x28"):
+        latent_shape(spec, (28, 28, 1))
+    with pytest.raises(ValueError, match="poolings=4 must be between 0 and the 3 levels"):
+        encoder_pools(AutoencoderSpec(filters=(16, 8, 8), poolings=4))
+
+
+def test_sigmoid_output_is_in_unit_range():
+    model, _ = build_autoencoder(AutoencoderSpec(filters=(4,), poolings=1), (8, 8, 1))
+    out = np.asarray(model.predict(np.random.default_rng(0).random((5, 8, 8, 1), dtype=np.float32) * 10, verbose=0))
+    assert out.shape == (5, 8, 8, 1) and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_cifar_cnn_matches_the_seed_model():
+    spec = ClassifierSpec(
+        conv=(ConvBlock(64, 3, "relu", "valid"), ConvBlock(256, 2, "relu", "valid")),
+        initializer="he_normal", dense=(1024,), dropout=0.4,
+    )
+    model = build_classifier(spec, (32, 32, 3))
+    # conv 3x3x3x64, conv 2x2x64x256, 7x7x256 -> 1024, 1024 -> 10
+    expected = (27 * 64 + 64) + (4 * 64 * 256 + 256) + (7 * 7 * 256 * 1024 + 1024) + (1024 * 10 + 10)
+    assert model.count_params() == expected
+    assert model.get_layer("conv0").get_config()["kernel_initializer"]["class_name"] == "HeNormal"
+    assert model.get_layer("dense0").get_config()["kernel_initializer"]["class_name"] == "GlorotUniform"
+    assert model.get_layer("dropout0").get_config()["rate"] == 0.4
+
+
+def test_colored_mnist_broken_head_is_reproduced():
+    broken = ClassifierSpec(conv=(ConvBlock(64, 3, None), ConvBlock(64, 3, None)), logits_activation="relu")
+    model = build_classifier(broken, (28, 28, 3))
+    assert model.get_layer("conv0").get_config()["activation"] == "linear"
+    assert model.get_layer("logits").get_config()["activation"] == "relu"
+    probabilities = np.asarray(model.predict(np.random.default_rng(0).random((4, 28, 28, 3), dtype=np.float32), verbose=0))
+    assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+BACKEND_PROBE = """
+import json, numpy as np, keras
+from stages.models import AutoencoderSpec, ClassifierSpec, ConvBlock, build_autoencoder, build_classifier
+keras.utils.set_random_seed(0)
+x = np.random.default_rng(0).random((32, 8, 8, 3), dtype=np.float32)
+ae, _ = build_autoencoder(AutoencoderSpec(filters=(4, 4), poolings=2), (8, 8, 3))
+ae.compile("adam", "binary_crossentropy")
+ae_loss = ae.fit(x, x, batch_size=8, epochs=1, verbose=0).history["loss"][-1]
+cnn = build_classifier(ClassifierSpec(conv=(ConvBlock(4),), dense=(8,), dropout=0.2, num_classes=3), (8, 8, 3))
+cnn.compile("rmsprop", "sparse_categorical_crossentropy")
+cnn_loss = cnn.fit(x, np.arange(32) % 3, batch_size=8, epochs=1, verbose=0).history["loss"][-1]
+print(json.dumps({"backend": keras.backend.backend(), "ae": float(ae_loss), "cnn": float(cnn_loss),
+                  "out": list(ae.predict(x[:2], verbose=0).shape)}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_tiny_models_train_on_each_installed_backend(backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", BACKEND_PROBE], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == backend
+    assert np.isfinite(report["ae"]) and np.isfinite(report["cnn"]) and report["out"] == [2, 8, 8, 3]
