@@ -1,0 +1,216 @@
+"""The train and evaluate stages on tiny data, with a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages import evaluate as evaluate_mod
+from stages import train as train_mod
+from stages.images import DatasetFile, Split, save
+
+SHAPE = (8, 8, 1)
+
+
+def _dataset(n=(96, 32, 40), seed=0, shape=SHAPE, classes=3) -> DatasetFile:
+    """Images whose brightness pattern depends on the label, so a classifier can learn."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for name, count in zip(("train", "val", "test"), n):
+        labels = np.arange(count) % classes
+        base = rng.integers(0, 60, (count, *shape))
+        for c in range(classes):
+            base[labels == c, :, c * shape[1] // classes:(c + 1) * shape[1] // classes] += 180
+        splits[name] = Split(np.clip(base, 0, 255).astype(np.uint8), labels)
+    return DatasetFile(splits, [f"c{i}" for i in range(classes)], {"dataset": "toy", "source": "toy_source"})
+
+
+AE = {
+    "task": "autoencoder", "seed_figure": "val_loss 0.1",
+    "data": {"input": "prepared/toy", "target": "prepared/toy"},
+    "model": {"kind": "conv_autoencoder", "filters": [4, 4], "poolings": 2},
+    "training": {"loss": "bce", "optimizer": "adam", "epochs": 2, "batch_size": 16},
+}
+CLS = {
+    "task": "classifier",
+    "data": {"input": "prepared/toy", "target": "prepared/toy", "train_on": "train+val", "validate_on": "test"},
+    "model": {"kind": "cnn", "conv": [{"filters": 4}], "dense": [16], "dropout": 0.3},
+    "training": {"loss": "sparse_categorical_crossentropy", "optimizer": "rmsprop", "epochs": 2,
+                 "batch_size": 16, "metrics": ["accuracy"]},
+}
+
+
+def _params(root: Path, experiments: dict, max_epochs=None) -> Path:
+    params = {
+        "limits": {"max_samples": None, "max_epochs": max_epochs},
+        "datasets": {"toy": {"source": {"path": "unused.zip"}}},
+        "experiments": experiments,
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    """A project folder with a tiny prepared dataset and its own MLflow SQLite store."""
+    root = tmp_path / "lab"
+    root.mkdir()
+    save(root / "data/prepared/toy.npz", _dataset())
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    return root
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_autoencoder_train_and_evaluate_log_one_mlflow_run(lab):
+    _params(lab, {"ae": AE})
+    assert train_mod.main(["ae"]) == 0
+    assert evaluate_mod.main(["ae"]) == 0
+    ref = json.loads((lab / "models/ae/run.json").read_text())
+    run = _client().get_run(ref["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "ae"
+    assert _client().get_experiment(run.info.experiment_id).name == "autoencoders"
+    assert run.data.params["model.filters"] == "[4, 4]" and run.data.params["training.batch_size"] == "16"
+    assert run.data.params["dataset_source"] == "toy_source"
+    tags = run.data.tags
+    assert tags["stage"] == "train@ae" and tags["evaluated_by"] == "evaluate@ae"
+    assert len(tags["params_hash"]) == 16 and "git_commit" in tags and "env.keras_backend" in tags
+    steps = [m.step for m in _client().get_metric_history(ref["run_id"], "val_loss")]
+    assert steps == [1, 2]
+    metrics = json.loads((lab / "metrics/ae.json").read_text())
+    test = metrics["test"]
+    assert metrics["dataset_source"] == "toy_source" and metrics["epochs"] == 2
+    assert 0 < test["psnr"] < 100 and 0 < test["ssim"] <= 1 and test["compression_ratio"] == 4.0
+    assert run.data.metrics["test_psnr"] == pytest.approx(test["psnr"])
+    # the evaluate stage's BCE on the test split is what Keras reports as val_loss... here val is "val"
+    assert test["latent_size"] == 2 * 2 * 4
+    artifacts = {a.path for a in _client().list_artifacts(ref["run_id"], "evaluation")}
+    assert {"evaluation/reconstructions.png", "evaluation/curves.png", "evaluation/ae.json"} <= artifacts
+    mlmodel = Path(_client().download_artifacts(ref["run_id"], "model/MLmodel")).read_text()
+    assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
+    curves = json.loads((lab / "plots/ae.json").read_text())
+    assert [row["epoch"] for row in curves] == [1, 2] and "val_loss" in curves[0]
+
+
+def test_classifier_metrics_match_the_model(lab):
+    import keras
+
+    _params(lab, {"cls": CLS})
+    assert train_mod.main(["cls"]) == 0
+    assert evaluate_mod.main(["cls"]) == 0
+    test = json.loads((lab / "metrics/cls.json").read_text())["test"]
+    data = _dataset().splits["test"]
+    model = keras.models.load_model(lab / "models/cls/model.keras")
+    from stages.images import to_unit_float
+    predicted = np.asarray(model.predict(to_unit_float(data.images), verbose=0)).argmax(axis=1)
+    assert test["accuracy"] == pytest.approx(float((predicted == data.labels).mean()), abs=1e-6)
+    confusion = json.loads((lab / "reports/cls/confusion.json").read_text())
+    assert np.asarray(confusion["confusion_matrix"]).sum() == len(data.labels)
+    assert {p.name for p in (lab / "reports/cls").iterdir()} >= {"confusion_matrix.png", "misclassified.png", "curves.png"}
+    run = _client().get_run(json.loads((lab / "models/cls/run.json").read_text())["run_id"])
+    assert _client().get_experiment(run.info.experiment_id).name == "classifiers"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+
+
+def test_max_epochs_caps_training(lab):
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 5}}}, max_epochs=1)
+    assert train_mod.main(["ae"]) == 0
+    history = json.loads((lab / "models/ae/history.json").read_text())
+    assert len(history["loss"]) == 1
+
+
+def test_nan_stops_with_a_clear_error_and_no_model(lab, caplog):
+    diverging = {**AE, "model": {**AE["model"], "output_activation": "linear"},
+                 "training": {**AE["training"], "loss": "mse", "optimizer": "sgd", "learning_rate": 1e12}}
+    _params(lab, {"boom": diverging})
+    assert train_mod.main(["boom"]) == 1
+    assert "experiments.boom: loss became NaN/inf at epoch 1, batch" in caplog.text
+    assert not (lab / "models/boom/model.keras").exists() and not (lab / "models/boom/run.json").exists()
+    runs = _client().search_runs([_client().get_experiment_by_name("autoencoders").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def _train_process(root: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    return subprocess.Popen([sys.executable, "-m", "stages.train", name], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    """A real SIGKILL after epoch 2 of 6; the re-run resumes and ends bit-identical."""
+    import keras
+
+    experiment = {**CLS, "training": {**CLS["training"], "epochs": 6, "batch_size": 8}}
+    roots = {}
+    for label in ("killed", "straight"):
+        root = roots[label] = tmp_path / label
+        root.mkdir()
+        save(root / "data/prepared/toy.npz", _dataset(n=(600, 100, 100), shape=(16, 16, 1)))
+        _params(root, {"cls": experiment})
+
+    process = _train_process(roots["killed"], "cls")
+    state_file = roots["killed"] / "checkpoints/cls/state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(state_file.read_text())["epoch"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_state = json.loads(state_file.read_text())
+    assert 2 <= killed_state["epoch"] < 6, "the kill must land mid-run"
+    assert not (roots["killed"] / "models/cls/model.keras").exists()
+
+    resumed = _train_process(roots["killed"], "cls")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming from checkpoint after epoch {killed_state['epoch']} of 6" in err
+    straight = _train_process(roots["straight"], "cls")
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+
+    models = {label: keras.models.load_model(root / "models/cls/model.keras") for label, root in roots.items()}
+    for a, b in zip(models["killed"].get_weights(), models["straight"].get_weights()):
+        np.testing.assert_array_equal(a, b)
+    histories = {label: json.loads((root / "models/cls/history.json").read_text()) for label, root in roots.items()}
+    assert histories["killed"] == histories["straight"]
+
+    ref = json.loads((roots["killed"] / "models/cls/run.json").read_text())
+    assert ref["run_id"] == killed_state["run_id"]  # the same MLflow run, continued
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{roots['killed'] / 'mlflow.db'}")
+    assert client.get_run(ref["run_id"]).info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(ref["run_id"], "loss")})
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_changed_params_do_not_resume_a_stale_checkpoint(lab, caplog):
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 3}}}, max_epochs=1)
+    assert train_mod.main(["ae"]) == 0
+    state = json.loads((lab / "checkpoints/ae/state.json").read_text())
+    assert state["complete"] is True
+    shutil.rmtree(lab / "models")
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 3, "seed": 1}}}, max_epochs=2)
+    assert train_mod.main(["ae"]) == 0
+    assert "resuming" not in caplog.text
+    assert len(json.loads((lab / "models/ae/history.json").read_text())["loss"]) == 2
