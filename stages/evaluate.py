@@ -41,6 +41,10 @@ def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 1024) -> 
     ])
 
 
+def per_image_mse(target: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    return np.mean(np.square(target - pred).reshape(len(target), -1), axis=1, dtype=np.float64)
+
+
 def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
     test = data.split("test")
     target, output = to_unit_float(test.y), predict(model, test.x)
@@ -49,21 +53,28 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     train_targets = data.split(*exp.data.train_on.split("+")).y
     rows = np.sort(np.random.default_rng(0).permutation(len(train_targets))[:PCA_TRAIN])
     latent_size = int(np.prod(latent))
+    image_mse = per_image_mse(target, image)
+    pca_mse = metrics.pca_reconstruction_mse(
+        to_unit_float(train_targets[rows]), target, n_components=min(latent_size, target[0].size))
     results = {
         "mse": metrics.mse(target, output),
         "bce": metrics.bce(target, output),
-        "psnr": metrics.psnr(target, image),
+        # PSNR two ways: the mean of per-image PSNR, and the PSNR of the pooled MSE
+        "psnr": metrics.psnr_from_mse(image_mse),
+        "psnr_pooled": metrics.psnr_from_mse(image_mse, pooled=True),
         "ssim": metrics.ssim(target, image),
         "keras_accuracy": metrics.keras_accuracy(target, output),
         "latent_size": latent_size,
         "compression_ratio": metrics.compression_ratio(target.shape[1:], latent),
-        "pca_baseline_psnr": metrics.pca_baseline_psnr(
-            to_unit_float(train_targets[rows]), target, n_components=min(latent_size, target[0].size)),
+        "pca_baseline_psnr": metrics.psnr_from_mse(pca_mse),
+        "pca_baseline_psnr_pooled": metrics.psnr_from_mse(pca_mse, pooled=True),
     }
     grid = {"original": target[:GRID_IMAGES]}
     if exp.data.input != exp.data.target:
         noisy = to_unit_float(test.x)
-        results["psnr_input"] = metrics.psnr(target, noisy)
+        noisy_mse = per_image_mse(target, noisy)
+        results["psnr_input"] = metrics.psnr_from_mse(noisy_mse)
+        results["psnr_input_pooled"] = metrics.psnr_from_mse(noisy_mse, pooled=True)
         grid["corrupted input"] = noisy[:GRID_IMAGES]
     grid["reconstruction"] = image[:GRID_IMAGES]
     plots.reconstruction_grid(grid, folder / "reconstructions.png", max_images=GRID_IMAGES)

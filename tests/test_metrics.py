@@ -255,3 +255,19 @@ def test_confusion_matrix_and_per_class_accuracy_with_empty_row():
 def test_confusion_matrix_rejects_out_of_range():
     with pytest.raises(ValueError, match="predictions"):
         confusion_matrix([0, 1], [0, 2], num_classes=2)
+
+
+def test_psnr_from_mse_mean_and_pooled():
+    mses = np.array([0.01, 0.0001])  # 20 dB and 40 dB
+    assert metrics.psnr_from_mse(mses) == pytest.approx(30.0)
+    assert metrics.psnr_from_mse(mses, pooled=True) == pytest.approx(10 * np.log10(1 / 0.00505))
+    assert metrics.psnr_from_mse(mses, pooled=True) < metrics.psnr_from_mse(mses)
+    assert metrics.psnr_from_mse(np.array([0.0])) == pytest.approx(100.0)
+
+
+def test_pca_reconstruction_mse_agrees_with_the_psnr_baseline():
+    rng = np.random.default_rng(3)
+    train, test = rng.random((60, 4, 4, 1)), rng.random((10, 4, 4, 1))
+    errors = metrics.pca_reconstruction_mse(train, test, n_components=5)
+    assert errors.shape == (10,) and np.all(errors >= 0)
+    assert metrics.psnr_from_mse(errors) == pytest.approx(metrics.pca_baseline_psnr(train, test, 5))
