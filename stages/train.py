@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
@@ -169,8 +170,9 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after each one."""
     x_val, y_val = to_unit_float(val.x), (to_unit_float(val.y) if exp.task == "autoencoder" else val.y)
     guard = NanGuard()
-    verbose = 1 if sys.stderr.isatty() else 2
+    verbose = 1 if sys.stderr.isatty() else 0  # Keras' bar on a terminal; our line per epoch always
     for epoch in range(start, epochs):
+        started = time.perf_counter()
         order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
         x = to_unit_float(train.x[order])
         y = to_unit_float(train.y[order]) if exp.task == "autoencoder" else train.y[order]
@@ -184,6 +186,8 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
         logs = {key: float(values[-1]) for key, values in result.history.items()}
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
+        log.info("train %s: epoch %d/%d in %.1f s: %s", name, epoch + 1, epochs, time.perf_counter() - started,
+                 " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
         on_epoch(epoch, logs)
     return history
 
