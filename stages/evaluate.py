@@ -130,7 +130,7 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
     plots_file.write_text(json.dumps(records, indent=2) + "\n")
 
     tracking.connect(exp.task)
-    with mlflow.start_run(run_id=ref["run_id"]):
+    with tracking.start_run(ref["run_id"], name):
         mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
         mlflow.log_artifacts(str(reports), "evaluation")
         mlflow.log_artifact(str(metrics_file), "evaluation")

@@ -127,6 +127,19 @@ def connect(task: str) -> str:
         raise TrackingError(f"MLflow store {redact(uri)} unusable: {message}") from None
 
 
+def start_run(run_id: str | None, name: str):
+    """Start a new run named ``name``, or continue run ``run_id``; a clear error if it is gone."""
+    import mlflow
+
+    try:
+        return mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(
+            f"MLflow run {run_id} for '{name}' cannot be continued in {redact(tracking_uri())}: "
+            f"{exc.message if hasattr(exc, 'message') else exc}. Was it logged to another tracking URI?"
+        ) from None
+
+
 def save_run_ref(path: Path, run_id: str, experiment_id: str) -> None:
     """The DVC output that tells later stages (and people) which MLflow run this is."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -168,14 +168,19 @@ def epochs_for(exp: Experiment, limits) -> int:
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
         history: dict, on_epoch) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after each one."""
-    x_val, y_val = to_unit_float(val.x), (to_unit_float(val.y) if exp.task == "autoencoder" else val.y)
+    def scaled(arrays: Arrays, rows=slice(None)):
+        x = to_unit_float(arrays.x[rows])
+        if arrays.y is arrays.x:  # an autoencoder reconstructing its input: one array, not two
+            return x, x
+        return x, (to_unit_float(arrays.y[rows]) if exp.task == "autoencoder" else arrays.y[rows])
+
+    x_val, y_val = scaled(val)
     guard = NanGuard()
     verbose = 1 if sys.stderr.isatty() else 0  # Keras' bar on a terminal; our line per epoch always
     for epoch in range(start, epochs):
         started = time.perf_counter()
         order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
-        x = to_unit_float(train.x[order])
-        y = to_unit_float(train.y[order]) if exp.task == "autoencoder" else train.y[order]
+        x, y = scaled(train, order)
         result = model.fit(x, y, batch_size=exp.training.batch_size, epochs=epoch + 1, initial_epoch=epoch,
                            shuffle=False, validation_data=(x_val, y_val), callbacks=[guard], verbose=verbose)
         if guard.hit:
@@ -219,7 +224,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
              name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
              epochs, exp.training.batch_size, keras.backend.backend())
     experiment_id = tracking.connect(exp.task)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    run = tracking.start_run(run_id, name)
     try:
         if run_id is None:
             mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,

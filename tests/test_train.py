@@ -214,3 +214,18 @@ def test_changed_params_do_not_resume_a_stale_checkpoint(lab, caplog):
     assert train_mod.main(["ae"]) == 0
     assert "resuming" not in caplog.text
     assert len(json.loads((lab / "models/ae/history.json").read_text())["loss"]) == 2
+
+
+def test_evaluate_with_a_run_from_another_store_fails_clearly(lab, caplog, monkeypatch, tmp_path):
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 1}}})
+    assert train_mod.main(["ae"]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert evaluate_mod.main(["ae"]) == 1
+    run_id = json.loads((lab / "models/ae/run.json").read_text())["run_id"]
+    assert f"MLflow run {run_id} for 'ae' cannot be continued" in caplog.text
+
+
+def test_evaluate_before_train_says_what_to_run(lab, caplog):
+    _params(lab, {"ae": AE})
+    assert evaluate_mod.main(["ae"]) == 1
+    assert "models/ae/run.json: not found; run the train stage first" in caplog.text
