@@ -54,8 +54,10 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     rows = np.sort(np.random.default_rng(0).permutation(len(train_targets))[:PCA_TRAIN])
     latent_size = int(np.prod(latent))
     image_mse = per_image_mse(target, image)
+    denoising = exp.data.input != exp.data.target
     pca_mse = metrics.pca_reconstruction_mse(
-        to_unit_float(train_targets[rows]), target, n_components=min(latent_size, target[0].size))
+        to_unit_float(train_targets[rows]), target, n_components=min(latent_size, target[0].size),
+        test_inputs=to_unit_float(test.x) if denoising else None)
     results = {
         "mse": metrics.mse(target, output),
         "bce": metrics.bce(target, output),
@@ -70,7 +72,7 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
         "pca_baseline_psnr_pooled": metrics.psnr_from_mse(pca_mse, pooled=True),
     }
     grid = {"original": target[:GRID_IMAGES]}
-    if exp.data.input != exp.data.target:
+    if denoising:
         noisy = to_unit_float(test.x)
         noisy_mse = per_image_mse(target, noisy)
         results["psnr_input"] = metrics.psnr_from_mse(noisy_mse)

@@ -192,9 +192,15 @@ def psnr_from_mse(per_image_mse: np.ndarray, data_range: float = 1.0, pooled: bo
 
 
 def pca_reconstruction_mse(
-    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0
+    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0,
+    test_inputs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-image test MSE of a PCA reconstruction with ``n_components`` components.
+
+    With ``test_inputs`` (the corrupted images of a denoising task) those are
+    projected instead and the reconstruction is scored against ``test``: the
+    linear denoiser of the same latent size. At full rank it is the identity,
+    so it then scores exactly like the corrupted input.
 
     The linear baseline for an autoencoder whose latent has the same number of
     values: mean-centred PCA fitted on at most ``max_train`` flattened train
@@ -230,10 +236,17 @@ def pca_reconstruction_mse(
     del cov
 
     test_flat = test.reshape(len(test), dim)
+    if test_inputs is None:
+        input_flat = test_flat
+    else:
+        test_inputs = np.asarray(test_inputs)
+        if test_inputs.shape != test.shape:
+            raise ValueError(f"test inputs {test_inputs.shape} and targets {test.shape} differ in shape")
+        input_flat = test_inputs.reshape(len(test), dim)
     errors = np.empty(len(test), np.float64)
     for part in _chunks(len(test), dim):
         original = test_flat[part].astype(np.float64)
-        codes = (original - mean) @ vectors
+        codes = (input_flat[part].astype(np.float64) - mean) @ vectors
         recon = np.clip(codes @ vectors.T + mean, 0.0, 1.0)
         errors[part] = np.mean((original - recon) ** 2, axis=1)
     logger.debug("PCA baseline: %d components, %d train images, dim %d", n_components, len(rows), dim)

@@ -11,8 +11,10 @@ from stages.metrics import (
     keras_accuracy,
     mse,
     pca_baseline_psnr,
+    pca_reconstruction_mse,
     per_class_accuracy,
     psnr,
+    psnr_from_mse,
     psnr_per_image,
     ssim,
 )
@@ -223,6 +225,27 @@ def test_pca_recovers_a_k_dimensional_subspace():
     train, test = sample(300), sample(40)
     assert pca_baseline_psnr(train, test, k) > 90
     assert pca_baseline_psnr(train, test, k - 1) < 60
+
+
+def test_pca_denoiser_removes_noise_off_the_subspace_and_is_identity_at_full_rank():
+    rng = np.random.default_rng(3)
+    dim, k = 48, 3
+    basis = np.linalg.qr(rng.standard_normal((dim, k)))[0].T
+    offset = rng.uniform(0.4, 0.6, dim)
+
+    def sample(n):
+        return (offset + rng.uniform(-0.1, 0.1, (n, k)) @ basis).reshape(n, 4, 4, 3)
+
+    train, clean = sample(300), sample(40)
+    noisy = np.clip(clean + rng.normal(0, 0.05, clean.shape), 0, 1)
+    noisy_psnr = psnr_from_mse(np.mean((clean - noisy).reshape(40, -1) ** 2, axis=1))
+    denoised = psnr_from_mse(pca_reconstruction_mse(train, clean, k, test_inputs=noisy))
+    # keeping k of 48 directions keeps about k/48 of the noise energy: ~10 dB better
+    assert denoised > noisy_psnr + 8
+    full = pca_reconstruction_mse(train, clean, dim, test_inputs=noisy)
+    assert psnr_from_mse(full) == pytest.approx(noisy_psnr, abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pca_reconstruction_mse(train, clean, k, test_inputs=noisy[:, :2])
 
 
 def test_pca_subsample_is_seeded_and_bounded():

@@ -1,5 +1,7 @@
-"""The data pipeline through real DVC commands on a tiny image-folder dataset."""
+"""The whole pipeline through real DVC commands on a tiny image-folder dataset:
+download, prepare, corrupt, then train and evaluate two tiny experiments."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +21,7 @@ DVC = shutil.which("dvc", path=os.path.dirname(sys.executable)) or shutil.which(
 def _run(cwd, *args, check=True):
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("DATA_MIRROR", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own default: sqlite:///mlflow.db in the project
     result = subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -41,6 +44,16 @@ def dvc_project(tmp_path):
                               "split": {"val_fraction": 0.25, "seed": 0}}},
         "corruptions": {"pets_noisy": {"dataset": "pets", "kind": "gaussian", "factor": 0.3, "seed": 0},
                         "pets_rgb": {"dataset": "pets", "kind": "colorize", "mode": "channel", "seed": 0}},
+        "experiments": {
+            "pets_dae": {"task": "autoencoder",
+                         "data": {"input": "corrupted/pets_noisy", "target": "prepared/pets"},
+                         "model": {"kind": "conv_autoencoder", "filters": [4], "poolings": 1},
+                         "training": {"loss": "bce", "epochs": 1, "batch_size": 4}},
+            "pets_cnn": {"task": "classifier",
+                         "data": {"input": "prepared/pets", "target": "prepared/pets"},
+                         "model": {"kind": "cnn", "conv": [{"filters": 4}], "dense": [8]},
+                         "training": {"loss": "sparse_categorical_crossentropy", "epochs": 1, "batch_size": 4}},
+        },
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -55,7 +68,8 @@ def _ran(output: str) -> set[str]:
 def test_repro_then_noop_then_only_changed_stage(dvc_project):
     dvc_project, params = dvc_project
     first = _run(dvc_project, "repro")
-    assert _ran(first.stdout) == {"download@pets", "prepare@pets", "corrupt@pets_noisy", "corrupt@pets_rgb"}
+    assert _ran(first.stdout) == {"download@pets", "prepare@pets", "corrupt@pets_noisy", "corrupt@pets_rgb",
+                                  "train@pets_dae", "evaluate@pets_dae", "train@pets_cnn", "evaluate@pets_cnn"}
     data = load(dvc_project / "data/prepared/pets.npz")
     assert data.meta["counts"] == {"train": 6, "val": 2, "test": 8}
     assert load(dvc_project / "data/corrupted/pets_rgb.npz").image_shape == (6, 8, 3)
@@ -64,10 +78,23 @@ def test_repro_then_noop_then_only_changed_stage(dvc_project):
     assert _ran(again.stdout) == set()
     assert "Data and pipelines are up to date" in again.stdout
 
+    for name in ("pets_dae", "pets_cnn"):
+        metrics = json.loads((dvc_project / f"metrics/{name}.json").read_text())
+        assert metrics["experiment"] == name and metrics["epochs"] == 1
+        run = json.loads((dvc_project / f"models/{name}/run.json").read_text())
+        assert (dvc_project / f"reports/{name}").is_dir()
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert run["run_id"] and (dvc_project / "mlflow.db").is_file()
+
     params["corruptions"]["pets_noisy"]["factor"] = 0.6
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run(dvc_project, "repro")
-    assert _ran(changed.stdout) == {"corrupt@pets_noisy"}
+    assert _ran(changed.stdout) == {"corrupt@pets_noisy", "train@pets_dae", "evaluate@pets_dae"}
+
+    params["experiments"]["pets_cnn"]["training"]["batch_size"] = 2
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    one = _run(dvc_project, "repro")
+    assert _ran(one.stdout) == {"train@pets_cnn", "evaluate@pets_cnn"}
 
     status = _run(dvc_project, "status")
     assert "up to date" in status.stdout
