@@ -2,7 +2,9 @@
 
 The store is ``MLFLOW_TRACKING_URI`` when set (a team server), else the
 embedded SQLite database ``mlflow.db`` in the project root, which ``mlflow ui``
-opens by default. There is one MLflow experiment per task kind
+opens by default. ``dvc exp run --queue``/``--temp`` runs stages in a copy of
+the project under ``<project>/.dvc/tmp/exps/``; the default store is resolved
+to the project itself, so those runs are not lost with the copy. There is one MLflow experiment per task kind
 (``autoencoders``, ``classifiers``) so the UI's compare view lines up
 comparable runs; each DVC experiment entry is one run, named after it.
 
@@ -37,8 +39,25 @@ class TrackingError(PipelineError):
     """The MLflow store cannot be reached or used."""
 
 
+def project_root(cwd: Path | None = None) -> Path:
+    """The project a stage runs for: the working directory, or, inside a DVC
+    experiment copy (``<project>/.dvc/tmp/exps/...``), the project it copies."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``MLFLOW_TRACKING_URI``, else the project's ``mlflow.db`` as an absolute SQLite URI."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def tracking_label() -> str:
+    """The store as recorded in files and logs: credentials redacted, no machine paths."""
+    return redact(os.environ["MLFLOW_TRACKING_URI"]) if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_URI
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -116,15 +135,20 @@ def run_tags(task: str, experiment: str, stage: str, data: list[str], params: di
 
 def connect(task: str) -> str:
     """Point MLflow at the store and the task's experiment; return the experiment id."""
+    return connect_experiment(EXPERIMENTS[task])
+
+
+def connect_experiment(name: str) -> str:
+    """Point MLflow at the store and the experiment ``name``; return its id."""
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        return mlflow.set_experiment(EXPERIMENTS[task]).experiment_id
+        return mlflow.set_experiment(name).experiment_id
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
         message = str(exc).replace(uri, redact(uri))
-        raise TrackingError(f"MLflow store {redact(uri)} unusable: {message}") from None
+        raise TrackingError(f"MLflow store {tracking_label()} unusable: {message}") from None
 
 
 def start_run(run_id: str | None, name: str):
@@ -135,7 +159,7 @@ def start_run(run_id: str | None, name: str):
         return mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
     except mlflow.exceptions.MlflowException as exc:
         raise TrackingError(
-            f"MLflow run {run_id} for '{name}' cannot be continued in {redact(tracking_uri())}: "
+            f"MLflow run {run_id} for '{name}' cannot be continued in {tracking_label()}: "
             f"{exc.message if hasattr(exc, 'message') else exc}. Was it logged to another tracking URI?"
         ) from None
 
@@ -145,7 +169,7 @@ def save_run_ref(path: Path, run_id: str, experiment_id: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id,
-                               "tracking_uri": redact(tracking_uri())}, indent=2) + "\n")
+                               "tracking_uri": tracking_label()}, indent=2) + "\n")
     os.replace(tmp, path)
 
 

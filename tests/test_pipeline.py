@@ -69,7 +69,8 @@ def test_repro_then_noop_then_only_changed_stage(dvc_project):
     dvc_project, params = dvc_project
     first = _run(dvc_project, "repro")
     assert _ran(first.stdout) == {"download@pets", "prepare@pets", "corrupt@pets_noisy", "corrupt@pets_rgb",
-                                  "train@pets_dae", "evaluate@pets_dae", "train@pets_cnn", "evaluate@pets_cnn"}
+                                  "train@pets_dae", "evaluate@pets_dae", "train@pets_cnn", "evaluate@pets_cnn",
+                                  "report"}
     data = load(dvc_project / "data/prepared/pets.npz")
     assert data.meta["counts"] == {"train": 6, "val": 2, "test": 8}
     assert load(dvc_project / "data/corrupted/pets_rgb.npz").image_shape == (6, 8, 3)
@@ -85,16 +86,19 @@ def test_repro_then_noop_then_only_changed_stage(dvc_project):
         assert (dvc_project / f"reports/{name}").is_dir()
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
     assert run["run_id"] and (dvc_project / "mlflow.db").is_file()
+    summary = (dvc_project / "reports/summary.md").read_text()
+    assert "pets_dae" in summary and "pets_cnn" in summary
+    assert "data:image/png;base64," in (dvc_project / "reports/index.html").read_text()
 
     params["corruptions"]["pets_noisy"]["factor"] = 0.6
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run(dvc_project, "repro")
-    assert _ran(changed.stdout) == {"corrupt@pets_noisy", "train@pets_dae", "evaluate@pets_dae"}
+    assert _ran(changed.stdout) == {"corrupt@pets_noisy", "train@pets_dae", "evaluate@pets_dae", "report"}
 
     params["experiments"]["pets_cnn"]["training"]["batch_size"] = 2
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     one = _run(dvc_project, "repro")
-    assert _ran(one.stdout) == {"train@pets_cnn", "evaluate@pets_cnn"}
+    assert _ran(one.stdout) == {"train@pets_cnn", "evaluate@pets_cnn", "report"}
 
     status = _run(dvc_project, "status")
     assert "up to date" in status.stdout
@@ -119,3 +123,35 @@ def test_bad_params_fail_before_work(dvc_project):
     assert result.returncode != 0
     assert "unknown key 'corruptions.pets_noisy.factr' (did you mean 'factor'?)" in result.stderr
     assert not (dvc_project / "data/raw/pets").exists()
+
+
+def test_same_params_and_data_give_the_same_metrics_and_runs_are_grouped(dvc_project):
+    """Train again from scratch (forced) and compare: op determinism on, same backend."""
+    from mlflow.tracking import MlflowClient
+
+    dvc_project, params = dvc_project
+    _run(dvc_project, "repro")
+    before = {n: (dvc_project / f"metrics/{n}.json").read_text() for n in ("pets_dae", "pets_cnn")}
+    first_runs = {n: json.loads((dvc_project / f"models/{n}/run.json").read_text())["run_id"] for n in before}
+    _run(dvc_project, "repro", "--force", "--single-item", "train@pets_dae", "train@pets_cnn")
+    again = _run(dvc_project, "repro")
+    assert {"evaluate@pets_dae", "evaluate@pets_cnn"} <= _ran(again.stdout)
+    for name, text in before.items():
+        assert (dvc_project / f"metrics/{name}.json").read_text() == text, name
+    runs = {n: json.loads((dvc_project / f"models/{n}/run.json").read_text())["run_id"] for n in before}
+    assert all(runs[n] != first_runs[n] for n in runs)  # a new run each time, none overwritten
+
+    client = MlflowClient(f"sqlite:///{dvc_project / 'mlflow.db'}")
+    pipeline = client.get_experiment_by_name("pipeline")
+    reports = client.search_runs([pipeline.experiment_id], order_by=["attributes.start_time DESC"])
+    assert len(reports) == 2 and all(r.info.status == "FINISHED" for r in reports)
+    latest = reports[0]
+    assert {k: v for k, v in latest.data.tags.items() if k.startswith("run.")} == {
+        f"run.{n}": rid for n, rid in runs.items()}
+    assert {a.path for a in client.list_artifacts(latest.info.run_id)} == {"index.html", "summary.md"}
+    for name, rid in runs.items():
+        child = client.get_run(rid)
+        assert child.info.status == "FINISHED" and child.info.run_name == name
+        assert child.data.tags["pipeline_run_id"] == latest.info.run_id
+        assert child.data.tags["stage"].startswith("train@")
+        assert any(k.startswith("data_md5.data/") for k in child.data.tags)

@@ -1,0 +1,268 @@
+"""DVC stage ``report``: every experiment side by side, with the seeds' figures.
+
+Reads ``metrics/<experiment>.json``, the images in ``reports/<experiment>/``,
+``models/<experiment>/run.json`` and each experiment's description and seed
+figure from ``params.yaml``; writes ``reports/summary.md`` and
+``reports/index.html`` (self-contained: images embedded as data URIs).
+
+Experiments are comparable when they read the same input and predict the same
+target: autoencoders are ranked within such a group by test PSNR (the mean of
+per-image PSNR), beside the PCA baseline at the same latent size, and
+classifiers by test accuracy; the best of each group is marked.
+
+Both files are logged to one MLflow run in the experiment ``pipeline``, which
+groups the experiments' runs: it is tagged ``run.<experiment>`` with each
+run id, and each experiment run is tagged ``pipeline_run_id`` with its id.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages import cli, params as params_mod, tracking
+from stages.errors import PipelineError
+
+log = logging.getLogger("stages.report")
+
+PIPELINE_EXPERIMENT = "pipeline"
+AE_IMAGES = ("reconstructions.png", "curves.png")
+CLF_IMAGES = ("confusion_matrix.png", "misclassified.png", "curves.png")
+
+
+@dataclass
+class Row:
+    name: str
+    task: str
+    description: str
+    seed_figure: str | None
+    dataset: str          # input -> target dataset files ("prepared/mnist" when they are the same)
+    source: str           # the downloaded dataset it came from (e.g. cifar10_jpeg)
+    epochs: int
+    test: dict
+    best: bool = False
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+def build_rows(experiments: dict, metrics: dict[str, dict]) -> list[Row]:
+    """One row per experiment, ranked and with the best of each group marked.
+
+    ``experiments`` maps names to validated experiment params, ``metrics`` to
+    the evaluate stage's JSON. Autoencoders come first, then classifiers;
+    within a task, rows are grouped by input and target data and sorted best
+    first.
+    """
+    rows = []
+    for name, exp in experiments.items():
+        summary = metrics[name]
+        rows.append(Row(name=name, task=exp.task, description=exp.description, seed_figure=exp.seed_figure,
+                        dataset=exp.data.target if exp.data.input == exp.data.target
+                        else f"{exp.data.input} -> {exp.data.target}", source=summary.get("dataset_source", ""),
+                        epochs=int(summary["epochs"]), test=summary["test"]))
+
+    def score(row: Row) -> float:
+        return row.test.get("psnr" if row.task == "autoencoder" else "accuracy", float("-inf"))
+
+    rows.sort(key=lambda r: (r.task != "autoencoder", r.dataset, -score(r), r.name))
+    best: dict[tuple[str, str], float] = {}
+    for row in rows:
+        best[(row.task, row.dataset)] = max(best.get((row.task, row.dataset), float("-inf")), score(row))
+    for row in rows:
+        row.best = score(row) == best[(row.task, row.dataset)]
+    return rows
+
+
+def _num(value, digits: int = 2, suffix: str = "") -> str:
+    return "" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _gain(row: Row) -> float | None:
+    psnr, pca = row.test.get("psnr"), row.test.get("pca_baseline_psnr")
+    return None if psnr is None or pca is None else psnr - pca
+
+
+AE_COLUMNS = ("experiment", "dataset", "epochs", "latent", "PSNR dB", "PSNR pooled", "PCA same latent",
+              "vs PCA", "noisy input", "SSIM", "Keras \"accuracy\"", "seed's figure")
+CLF_COLUMNS = ("experiment", "dataset", "epochs", "accuracy", "worst class", "loss", "seed's figure")
+
+
+def _ae_cells(row: Row) -> list[str]:
+    t = row.test
+    gain = _gain(row)
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), str(int(t.get("latent_size", 0))),
+            _num(t.get("psnr")), _num(t.get("psnr_pooled")), _num(t.get("pca_baseline_psnr")),
+            "" if gain is None else f"{gain:+.2f}", _num(t.get("psnr_input")), _num(t.get("ssim"), 3),
+            _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"), row.seed_figure or ""]
+
+
+def _clf_cells(row: Row) -> list[str]:
+    t = row.test
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs),
+            _num(100 * t["accuracy"], 2, "%"), _num(100 * t["min_class_accuracy"], 1, "%"),
+            _num(t.get("loss"), 4), row.seed_figure or ""]
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(rows: list[Row]) -> str:
+    lines = ["# Experiments", "",
+             "Test split. PSNR is the mean of per-image PSNR; \"PSNR pooled\" is the PSNR of the MSE "
+             "over all test images. \"PCA same latent\" is a PCA reconstruction (of the corrupted input, "
+             "for a denoiser) with as many components as the autoencoder's latent values. "
+             "**Bold**: the best model for its data (same input and target).", ""]
+    for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
+        chosen = [r for r in rows if r.task == task]
+        if not chosen:
+            continue
+        lines += [f"## {task.capitalize()}s", "", "| " + " | ".join(columns) + " |",
+                  "|" + "---|" * len(columns)]
+        for row in chosen:
+            values = [_md_escape(c) for c in cells(row)]
+            if row.best:
+                values[0] = f"**{values[0]}**"
+            lines.append("| " + " | ".join(values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 2em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f0f0f0; } td:first-child, td:nth-child(2), td:last-child { text-align: left; }
+tr.best td { background: #e6f4e6; font-weight: 600; }
+.up { color: #17702a; } .down { color: #b02020; }
+.cards { display: flex; flex-wrap: wrap; gap: 1.5em; }
+.card { border: 1px solid #ddd; padding: 0.8em; max-width: 46em; }
+.card img { max-width: 100%; display: block; margin-top: 0.5em; }
+.card p { margin: 0.2em 0; color: #555; }
+"""
+
+
+def _html_table(rows: list[Row], columns, cells, gain_column: int | None) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    for row in rows:
+        values = [html.escape(c) for c in cells(row)]
+        if gain_column is not None and (gain := _gain(row)) is not None:
+            values[gain_column] = f'<span class="{"up" if gain >= 0 else "down"}">{values[gain_column]}</span>'
+        values[0] = f'<a href="#{html.escape(row.name)}">{values[0]}</a>'
+        out.append(f'<tr class="{"best" if row.best else ""}">' + "".join(f"<td>{v}</td>" for v in values) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def render_html(rows: list[Row]) -> str:
+    parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>Experiments</title>", f"<style>{STYLE}</style></head><body>", "<h1>Experiments</h1>",
+             "<p>Test split. PSNR: mean of per-image PSNR; pooled: PSNR of the MSE over all test images. "
+             "PCA same latent: a PCA reconstruction with as many components as the latent has values "
+             "(for a denoiser, of the noisy input). Green rows: the best model for their data (same input and target).</p>"]
+    for task, columns, cells, gain in (("autoencoder", AE_COLUMNS, _ae_cells, AE_COLUMNS.index("vs PCA")),
+                                       ("classifier", CLF_COLUMNS, _clf_cells, None)):
+        chosen = [r for r in rows if r.task == task]
+        if not chosen:
+            continue
+        parts += [f"<h2>{task.capitalize()}s</h2>", _html_table(chosen, columns, cells, gain), '<div class="cards">']
+        for row in chosen:
+            parts.append(f'<div class="card" id="{html.escape(row.name)}"><h3>{html.escape(row.name)}</h3>'
+                         f"<p>{html.escape(row.description)}</p>")
+            if row.seed_figure:
+                parts.append(f"<p>Seed's figure: {html.escape(row.seed_figure)}</p>")
+            for label, path in row.images.items():
+                parts.append(f'<img alt="{html.escape(row.name)} {html.escape(label)}" src="{_data_uri(path)}">')
+            parts.append("</div>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run {what} first") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def log_to_mlflow(files: list[Path], run_ids: dict[str, str], rows: list[Row]) -> str:
+    """One MLflow run grouping the experiments' runs; returns its id."""
+    import mlflow
+
+    tracking.connect_experiment(PIPELINE_EXPERIMENT)
+    client = mlflow.tracking.MlflowClient()
+    with tracking.start_run(None, "report") as run:
+        mlflow.set_tags({"stage": "report", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                         **tracking.git_state(), **{f"run.{name}": rid for name, rid in run_ids.items()}})
+        for row in rows:
+            key = "psnr" if row.task == "autoencoder" else "accuracy"
+            if key in row.test:
+                mlflow.log_metric(f"{row.name}.test_{key}", row.test[key])
+        for path in files:
+            mlflow.log_artifact(str(path))
+        for name, rid in run_ids.items():
+            try:
+                client.set_tag(rid, "pipeline_run_id", run.info.run_id)
+            except mlflow.exceptions.MlflowException as exc:
+                log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
+                            getattr(exc, "message", exc))
+        return run.info.run_id
+
+
+def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, models_dir: Path,
+           out_dir: Path, log_mlflow: bool = True) -> list[Row]:
+    experiments = params.experiments
+    if not experiments:
+        raise PipelineError("params.yaml: 'experiments' is empty; nothing to report")
+    metrics = {name: _read_json(metrics_dir / f"{name}.json", f"evaluate@{name}") for name in experiments}
+    rows = build_rows(experiments, metrics)
+    for row in rows:
+        wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
+        row.images = {p.stem: p for p in (reports_dir / row.name / f for f in wanted) if p.is_file()}
+    markdown, page = out_dir / "summary.md", out_dir / "index.html"
+    _write(markdown, render_markdown(rows))
+    _write(page, render_html(rows))
+    log.info("report: %d experiments -> %s, %s", len(rows), markdown, page)
+    if log_mlflow:
+        run_ids = {name: _read_json(models_dir / name / "run.json", f"train@{name}")["run_id"]
+                   for name in experiments}
+        run_id = log_to_mlflow([markdown, page], run_ids, rows)
+        log.info("report: MLflow run %s in experiment '%s'", run_id, PIPELINE_EXPERIMENT)
+    return rows
+
+
+def main(argv=None) -> int:
+    def configure(parser):
+        parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="metrics folder")
+        parser.add_argument("--reports", type=Path, default=Path("reports"), help="per-experiment images")
+        parser.add_argument("--models", type=Path, default=Path("models"), help="train outputs (run ids)")
+        parser.add_argument("--out", type=Path, default=Path("reports"), help="where summary.md and index.html go")
+        parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+
+    def body(args):
+        report(params_mod.load(args.params), args.metrics, args.reports, args.models, args.out,
+               log_mlflow=not args.no_mlflow)
+
+    return cli.run("report", __doc__.splitlines()[0], body, configure, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The report stage's tables and pages (its MLflow run is checked in test_pipeline)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import params as params_mod
+from stages.errors import PipelineError
+from stages.report import build_rows, render_html, render_markdown, report
+
+AE = {"kind": "conv_autoencoder", "filters": [4], "poolings": 1}
+CNN = {"kind": "cnn", "conv": [{"filters": 4}]}
+
+
+def _params(**experiments):
+    return params_mod.parse({
+        "datasets": {"digits": {"source": {"builtin": "mnist"}}, "shapes": {"source": {"builtin": "mnist"}}},
+        "corruptions": {"digits_noisy": {"dataset": "digits", "kind": "gaussian", "factor": 0.5}},
+        "experiments": experiments,
+    })
+
+
+def _ae(target="prepared/digits", source=None, seed_figure=None):
+    return {"task": "autoencoder", "description": "an AE", "seed_figure": seed_figure,
+            "data": {"input": source or target, "target": target}, "model": AE,
+            "training": {"loss": "bce", "epochs": 1, "batch_size": 4}}
+
+
+def _clf(data="prepared/digits"):
+    return {"task": "classifier", "data": {"input": data, "target": data}, "model": CNN,
+            "training": {"loss": "sparse_categorical_crossentropy", "epochs": 1, "batch_size": 4}}
+
+
+def _ae_metrics(psnr, pca=20.0, **extra):
+    return {"epochs": 3, "dataset_source": "mnist",
+            "test": {"psnr": psnr, "psnr_pooled": psnr - 0.5, "pca_baseline_psnr": pca, "ssim": 0.9,
+                     "keras_accuracy": 0.8, "latent_size": 392, **extra}}
+
+
+def _clf_metrics(accuracy):
+    return {"epochs": 2, "dataset_source": "mnist",
+            "test": {"accuracy": accuracy, "min_class_accuracy": accuracy / 2, "loss": 0.3}}
+
+
+def test_rows_ranked_within_the_same_input_and_target_and_best_marked():
+    params = _params(small=_ae(), big=_ae(), other=_ae(target="prepared/shapes"), cnn_a=_clf(), cnn_b=_clf(),
+                     denoise=_ae(source="corrupted/digits_noisy"))
+    metrics = {"small": _ae_metrics(21.0), "big": _ae_metrics(24.0), "other": _ae_metrics(18.0),
+               "cnn_a": _clf_metrics(0.5), "cnn_b": _clf_metrics(0.9), "denoise": _ae_metrics(19.0)}
+    rows = build_rows(params.experiments, metrics)
+    assert [r.name for r in rows] == ["denoise", "big", "small", "other", "cnn_b", "cnn_a"]
+    # a denoiser is not ranked against autoencoders that see clean input
+    assert {r.name for r in rows if r.best} == {"denoise", "big", "other", "cnn_b"}
+    assert rows[0].dataset == "corrupted/digits_noisy -> prepared/digits"
+    assert rows[1].epochs == 3 and rows[1].dataset == "prepared/digits"
+
+
+def test_markdown_table_shows_gain_over_pca_seed_figure_and_noisy_input():
+    params = _params(dae=_ae(source="corrupted/digits_noisy", seed_figure="val_loss 0.1 | 10 epochs"),
+                     cnn=_clf())
+    metrics = {"dae": _ae_metrics(23.5, pca=21.25, psnr_input=9.4), "cnn": _clf_metrics(0.9876)}
+    text = render_markdown(build_rows(params.experiments, metrics))
+    ae_line = next(line for line in text.splitlines() if "dae" in line)
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", ae_line)[1:-1]]
+    assert cells[0] == "**dae**"
+    assert cells[4:10] == ["23.50", "23.00", "21.25", "+2.25", "9.40", "0.900"]
+    assert cells[-1] == "val_loss 0.1 \\| 10 epochs"  # a '|' in a figure does not break the table
+    assert "| **cnn** | prepared/digits (mnist) | 2 | 98.76% | 49.4% | 0.3000 |" in text
+
+
+def test_html_is_self_contained_escaped_and_embeds_images(tmp_path):
+    params = _params(ae_1=_ae())
+    rows = build_rows(params.experiments, {"ae_1": _ae_metrics(19.0, pca=20.0)})
+    png = tmp_path / "reconstructions.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(png)
+    rows[0].images = {"reconstructions": png}
+    rows[0].description = "<script>alert(1)</script>"
+    page = render_html(rows)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.count('src="data:image/png;base64,') == 1
+    assert not re.search(r'(src|href)="(https?:|/|file:)', page)  # nothing loaded from elsewhere
+    assert '<span class="down">-1.00</span>' in page  # below the PCA baseline, shown in red
+
+
+def test_report_writes_both_files_and_names_a_missing_metrics_file(tmp_path):
+    params = _params(ae_1=_ae(), cnn=_clf())
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "ae_1.json").write_text(json.dumps(_ae_metrics(22.0)))
+    with pytest.raises(PipelineError, match=r"metrics/cnn\.json: not found; run evaluate@cnn first"):
+        report(params, metrics_dir, tmp_path / "reports", tmp_path / "models", tmp_path / "out", log_mlflow=False)
+    assert not (tmp_path / "out").exists()
+
+    (metrics_dir / "cnn.json").write_text(json.dumps(_clf_metrics(0.7)))
+    folder = tmp_path / "reports" / "cnn"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "confusion_matrix.png")
+    rows = report(params, metrics_dir, tmp_path / "reports", tmp_path / "models", tmp_path / "out",
+                  log_mlflow=False)
+    assert [r.name for r in rows] == ["ae_1", "cnn"]
+    assert "ae_1" in (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "index.html").read_text().count("data:image/png") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.html", "summary.md"]

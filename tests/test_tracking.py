@@ -1,0 +1,69 @@
+"""Where MLflow runs go, and what ties them to git and DVC."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import tracking
+
+
+def test_default_store_is_the_project_database(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_queued_and_temp_experiments_log_into_the_project_store(tmp_path, monkeypatch):
+    # dvc exp run --queue / --temp runs the stages in a copy under .dvc/tmp/exps
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(copy)
+    assert tracking.project_root() == (tmp_path / "proj").resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'proj').resolve() / 'mlflow.db'}"
+
+
+def test_environment_variable_wins_and_its_credentials_are_never_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.org")
+    assert tracking.tracking_uri() == "https://alice:s3cret@mlflow.example.org"
+    tracking.save_run_ref(tmp_path / "run.json", "abc", "1")
+    text = (tmp_path / "run.json").read_text()
+    assert "s3cret" not in text and "mlflow.example.org" in text
+
+
+def test_run_ref_records_the_default_store_without_a_machine_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracking.save_run_ref(Path("models/x/run.json"), "abc", "1")
+    ref = tracking.load_run_ref(Path("models/x/run.json"))
+    assert ref == {"run_id": "abc", "experiment_id": "1", "tracking_uri": "sqlite:///mlflow.db"}
+    assert not list(Path("models/x").glob(".*partial"))
+
+
+def test_run_ref_errors_name_the_file(tmp_path):
+    with pytest.raises(tracking.TrackingError, match=r"run\.json: not found; run the train stage first"):
+        tracking.load_run_ref(tmp_path / "run.json")
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(tracking.TrackingError, match=r"run\.json: not valid JSON"):
+        tracking.load_run_ref(tmp_path / "run.json")
+
+
+def test_data_hashes_come_from_the_stage_that_wrote_the_file(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "prepare@mnist": {"cmd": "x", "outs": [{"path": "data/prepared/mnist.npz", "md5": "aa11"}]},
+        "corrupt@noisy": {"cmd": "y", "deps": [{"path": "data/prepared/mnist.npz", "md5": "stale"}],
+                          "outs": [{"path": "data/corrupted/noisy.npz", "md5": "bb22"}]},
+    }}))
+    found = tracking.data_hashes(["data/prepared/mnist.npz", "data/corrupted/noisy.npz", "data/none.npz"], lock)
+    assert found == {"data/prepared/mnist.npz": "aa11", "data/corrupted/noisy.npz": "bb22"}
+    assert tracking.data_hashes(["data/prepared/mnist.npz"], tmp_path / "missing.lock") == {}
+
+
+def test_flatten_and_params_hash():
+    tree = {"model": {"filters": [16, 8], "kind": "cae"}, "epochs": 10}
+    assert tracking.flatten(tree) == {"model.filters": json.dumps([16, 8]), "model.kind": "cae", "epochs": "10"}
+    assert tracking.params_hash(tree) == tracking.params_hash(json.loads(json.dumps(tree)))
+    assert tracking.params_hash(tree) != tracking.params_hash({**tree, "epochs": 11})
