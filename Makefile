@@ -1,6 +1,7 @@
 # The two commands (see README):
 #   make repro   set up, then run the pipeline (dvc repro)
 #   make test    set up, then run the test suite
+#   make smoke   the CI retraining smoke on the mirror (.ci/smoke.py)
 # Set DATA_MIRROR=../shared/datasets (or any mirror) to download offline.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench
+.PHONY: setup repro test smoke bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ repro: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+smoke: setup
+	$(BIN)/python .ci/smoke.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_prepare.py
