@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,47 @@ def test_same_params_and_data_give_the_same_metrics_and_runs_are_grouped(dvc_pro
         assert child.data.tags["pipeline_run_id"] == latest.info.run_id
         assert child.data.tags["stage"].startswith("train@")
         assert any(k.startswith("data_md5.data/") for k in child.data.tags)
+
+
+def test_queued_experiments_run_two_at_a_time_and_keep_their_mlflow_runs(dvc_project):
+    """dvc exp run --queue + dvc queue start -j 2: both finish, and their MLflow runs land in the
+    project's own store although DVC runs them in temporary copies under .dvc/tmp/exps."""
+    from mlflow.tracking import MlflowClient
+
+    dvc_project, params = dvc_project
+    _run(dvc_project, "repro")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=dvc_project, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=dvc_project, check=True)
+    for seed in (1, 2):
+        _run(dvc_project, "exp", "run", "--queue", "-n", f"seed{seed}",
+             "-S", f"+experiments.pets_cnn.training.seed={seed}")  # + adds a key params.yaml leaves at its default
+    _run(dvc_project, "queue", "start", "-j", "2")
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = _run(dvc_project, "queue", "status").stdout
+            if not any(word in status for word in ("Queued", "Running")):
+                break
+            time.sleep(3)
+        else:
+            raise AssertionError(f"queue did not finish:\n{status}")
+    finally:
+        _run(dvc_project, "queue", "stop", check=False)
+    assert status.count("Success") == 2, status
+
+    shown = json.loads(_run(dvc_project, "exp", "show", "--json").stdout)
+    names = {exp.get("name") for commit in shown for exp in commit.get("experiments") or []}
+    assert {"seed1", "seed2"} <= names, names
+
+    client = MlflowClient(f"sqlite:///{dvc_project / 'mlflow.db'}")
+    classifiers = client.get_experiment_by_name("classifiers")
+    runs = client.search_runs([classifiers.experiment_id], "attributes.run_name = 'pets_cnn'")
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    assert {"seed1", "seed2"} <= set(by_exp), sorted(by_exp)
+    for name in ("seed1", "seed2"):
+        run = by_exp[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["training.seed"] == name[-1]
+        assert "test_accuracy" in run.data.metrics  # evaluate logged into the same run
+    assert not list((dvc_project / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing left in a copy
