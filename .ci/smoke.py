@@ -9,6 +9,13 @@ broken colored-MNIST model excepted), the report exists, every MLflow run
 finished, and ``dvc exp show`` lists the metrics. The user's workspace is
 never touched.
 
+Regressions: ``.ci/smoke-baseline/`` holds the metrics of a smoke run of
+main (refresh it with ``--update-baseline``). They are committed in the copy
+as its ``metrics/`` before the run, so ``dvc metrics diff`` afterwards is the
+change against main; a test PSNR lower by more than
+``report.regression.psnr_db`` or a test accuracy lower by more than
+``report.regression.accuracy`` (params.yaml) fails the run.
+
     DATA_MIRROR=../shared/datasets python .ci/smoke.py [--keep DIR] [--report DIR]
     python .ci/smoke.py --official      # official hosts, CIFAR-10 from its python archive
 """
@@ -31,6 +38,7 @@ import yaml
 
 log = logging.getLogger("smoke")
 ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / ".ci" / "smoke-baseline"
 
 # Floors for 2 epochs on 8,000 images per split: well below what the smoke run
 # reached on 2026-11-23 (mnist_cae 16.7 dB, fashion_mnist_cae 15.5 dB,
@@ -51,14 +59,18 @@ def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedPr
     return result
 
 
-def copy_tree(dest: Path) -> None:
-    """Tracked files as they are in the working tree, in a fresh one-commit repository."""
+def copy_tree(dest: Path, baseline: Path | None = None) -> None:
+    """Tracked files as they are in the working tree, in a fresh one-commit
+    repository whose ``metrics/`` are the baseline's when there is one."""
     files = sh("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
     for name in filter(None, files):
         source = ROOT / name
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+    if baseline is not None and baseline.is_dir():
+        for path in sorted(baseline.glob("*.json")):
+            shutil.copy2(path, dest / "metrics" / path.name)
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost", "commit", "-qm", "smoke", cwd=dest)
@@ -99,6 +111,27 @@ def check(project: Path, max_epochs: int) -> list[str]:
     return problems
 
 
+def regressions(diff: dict, psnr_db: float, accuracy: float) -> list[str]:
+    """Headline metrics that fell further than allowed, from ``dvc metrics diff --json``.
+
+    The deliberately broken model is left out: its accuracy depends on which
+    logits happen to die, and nobody relies on it.
+    """
+    problems = []
+    limits = {"test.psnr": (psnr_db, "dB"), "test.accuracy": (accuracy, "")}
+    for path, changes in sorted((diff.get("diff") or diff).items()):
+        name = Path(path).stem
+        if name.endswith("_broken"):
+            continue
+        for key, (limit, unit) in limits.items():
+            change = changes.get(key) or {}
+            old, new = change.get("old"), change.get("new")
+            if isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old - limit:
+                problems.append(f"{name}: {key} fell from {old:.4f} to {new:.4f}{unit and ' ' + unit}, "
+                                f"more than the allowed {limit}{unit and ' ' + unit} (report.regression)")
+    return problems
+
+
 def check_mlflow(project: Path, names: set[str]) -> list[str]:
     from mlflow.tracking import MlflowClient
 
@@ -120,6 +153,8 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     parser.add_argument("--report", type=Path, help="copy the run's report and metrics into this folder")
     parser.add_argument("--download-cache", type=Path, help="keep verified downloads here between runs")
+    parser.add_argument("--update-baseline", action="store_true",
+                        help=f"store this run's metrics as the regression baseline ({BASELINE.relative_to(ROOT)})")
     parser.add_argument("--official", action="store_true",
                         help="download from the official hosts (no mirror); CIFAR-10 from cifar-10-python.tar.gz")
     args = parser.parse_args()
@@ -143,21 +178,42 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        copy_tree(work)
+        compare = BASELINE.is_dir() and not args.update_baseline
+        copy_tree(work, BASELINE if compare else None)
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout
         problems = check(work, args.max_epochs)
+        kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))}
+        if compare:
+            regression = yaml.safe_load((work / "params.yaml").read_text()).get("report", {}).get("regression", {})
+            diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=work, env=env).stdout or "{}")
+            problems += regressions(diff, regression.get("psnr_db", 0.5), regression.get("accuracy", 0.02))
+            diff_md = sh("dvc", "metrics", "diff", "--md", "--precision", "4", cwd=work, env=env).stdout
+            (work / "reports" / "metrics-diff.md").write_text(
+                "## Smoke metrics against the baseline (`dvc metrics diff`)\n\n" + (diff_md or "No change.\n"))
+            log.info("dvc metrics diff against the baseline:\n%s", diff_md or "no change")
+        else:
+            log.warning("smoke: no regression check (%s)", "updating the baseline" if args.update_baseline
+                        else f"no baseline in {BASELINE}")
         if "ci-smoke" not in shown or "metrics/mnist_cae.json" not in shown:
             problems.append("dvc exp show does not list the ci-smoke experiment's metrics")
         if args.report:
             args.report.mkdir(parents=True, exist_ok=True)
-            for path in [work / "reports/summary.md", work / "reports/index.html", *work.glob("metrics/*.json")]:
+            for path in [work / "reports/summary.md", work / "reports/index.html", work / "reports/metrics-diff.md",
+                         *work.glob("metrics/*.json")]:
                 if path.is_file():
                     shutil.copy(path, args.report / path.name)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
+    if args.update_baseline and not problems:
+        BASELINE.mkdir(parents=True, exist_ok=True)
+        for path in BASELINE.glob("*.json"):
+            path.unlink()
+        for name, content in kept_metrics.items():
+            (BASELINE / name).write_bytes(content)
+        log.info("smoke: baseline updated in %s", BASELINE)
     if problems:
         for problem in problems:
             log.error("%s", problem)

@@ -99,6 +99,17 @@ class Colorize(_Strict):
 Corruption = Annotated[Union[Gaussian, SaltPepper, Colorize], Field(discriminator="kind")]
 
 
+class Regression(_Strict):
+    """How far a CI smoke metric may fall below its baseline before CI fails."""
+
+    psnr_db: Annotated[float, Field(ge=0)] = 0.5
+    accuracy: Annotated[float, Field(ge=0, le=1)] = 0.02
+
+
+class Report(_Strict):
+    regression: Regression = Regression()
+
+
 class Params(_Strict):
     """The whole of params.yaml. Sections other stages own are kept as raw data."""
 
@@ -109,6 +120,7 @@ class Params(_Strict):
     datasets: dict[str, Dataset] = {}
     corruptions: dict[str, Corruption] = {}
     experiments: dict[str, Experiment] = {}
+    report: Report = Report()
 
     @model_validator(mode="after")
     def _names_resolve(self) -> "Params":

@@ -1,0 +1,91 @@
+"""The CI smoke's judgement (.ci/smoke.py): sanity floors and regressions against the baseline."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import yaml
+
+SPEC = importlib.util.spec_from_file_location("smoke", Path(__file__).resolve().parents[1] / ".ci" / "smoke.py")
+smoke = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(smoke)
+
+
+def _diff(**changes):
+    return {f"metrics/{name}.json": {key: {"old": old, "new": new, "diff": new - old}
+                                     for key, (old, new) in metrics.items()}
+            for name, metrics in changes.items()}
+
+
+def test_regressions_beyond_the_thresholds_fail_and_small_or_upward_changes_pass():
+    diff = _diff(mnist_cae={"test.psnr": (16.7, 16.0), "test.ssim": (0.9, 0.1)},
+                 fashion_mnist_cae={"test.psnr": (15.5, 15.2)},
+                 cifar10_cnn={"test.accuracy": (0.41, 0.38)},
+                 fashion_mnist_cnn={"test.accuracy": (0.82, 0.805)},
+                 colored_mnist_cnn={"test.accuracy": (0.90, 0.97)},
+                 colored_mnist_cnn_broken={"test.accuracy": (0.66, 0.20)})
+    problems = smoke.regressions(diff, psnr_db=0.5, accuracy=0.02)
+    assert len(problems) == 2
+    assert problems[0].startswith("cifar10_cnn: test.accuracy fell from 0.4100 to 0.3800")
+    assert problems[1].startswith("mnist_cae: test.psnr fell from 16.7000 to 16.0000 dB, more than the allowed 0.5 dB")
+    assert smoke.regressions(diff, psnr_db=1.0, accuracy=0.05) == []
+    assert smoke.regressions({}, 0.5, 0.02) == []
+
+
+def test_new_experiments_without_a_baseline_are_not_regressions():
+    diff = {"metrics/new_one.json": {"test.psnr": {"old": None, "new": 12.0}}}
+    assert smoke.regressions(diff, 0.5, 0.02) == []
+
+
+def _project(tmp_path, mnist_psnr, cnn_accuracy, denoise=(18.0, 9.4), epochs=2):
+    from mlflow.tracking import MlflowClient
+
+    experiments = {
+        "mnist_cae": {"task": "autoencoder", "data": {"target": "prepared/mnist"}, "training": {"epochs": 10}},
+        "mnist_denoise": {"task": "autoencoder", "data": {"target": "prepared/mnist"}, "training": {"epochs": 100}},
+        "cnn": {"task": "classifier", "data": {"target": "prepared/mnist"}, "training": {"epochs": 5}},
+        "cnn_broken": {"task": "classifier", "data": {"target": "prepared/mnist"}, "training": {"epochs": 5}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"experiments": experiments}))
+    tests = {"mnist_cae": {"psnr": mnist_psnr}, "mnist_denoise": {"psnr": denoise[0], "psnr_input": denoise[1]},
+             "cnn": {"accuracy": cnn_accuracy}, "cnn_broken": {"accuracy": 0.05}}
+    (tmp_path / "metrics").mkdir()
+    for name, test in tests.items():
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps({"epochs": epochs, "test": test}))
+    (tmp_path / "reports").mkdir()
+    for page in ("index.html", "summary.md"):
+        (tmp_path / "reports" / page).write_text("x")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("runs")
+    for name in [*experiments, "report"]:
+        run = client.create_run(experiment, run_name=name)
+        client.set_terminated(run.info.run_id)
+    return tmp_path
+
+
+def test_a_sane_smoke_run_passes(tmp_path):
+    assert smoke.check(_project(tmp_path, mnist_psnr=16.7, cnn_accuracy=0.8), max_epochs=2) == []
+
+
+def test_floors_chance_the_denoiser_gain_and_epochs_are_checked(tmp_path):
+    project = _project(tmp_path, mnist_psnr=9.0, cnn_accuracy=0.11, denoise=(10.0, 9.4), epochs=1)
+    problems = smoke.check(project, max_epochs=2)
+    assert "mnist_cae: test PSNR 9.00 dB not above the floor 12.0" in problems
+    assert "cnn: test accuracy 0.110 not above 0.25" in problems
+    assert any(p.startswith("mnist_denoise: test PSNR 10.00 dB not 3.0 dB above") for p in problems)
+    assert "mnist_cae: trained 1 epochs, expected 2" in problems
+    assert not any(p.startswith("cnn_broken: test accuracy") for p in problems)  # broken on purpose
+
+
+def test_missing_outputs_and_unfinished_runs_are_reported(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    project = _project(tmp_path, mnist_psnr=16.7, cnn_accuracy=0.8)
+    (project / "metrics" / "cnn.json").unlink()
+    (project / "reports" / "index.html").unlink()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client.create_run(client.get_experiment_by_name("runs").experiment_id, run_name="stuck")
+    problems = smoke.check(project, max_epochs=2)
+    assert "cnn.json: missing" in problems
+    assert "reports/index.html: missing" in problems
+    assert "MLflow: run stuck is RUNNING" in problems
