@@ -242,8 +242,7 @@ def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, mode
     _write(page, render_html(rows))
     log.info("report: %d experiments -> %s, %s", len(rows), markdown, page)
     if log_mlflow:
-        run_ids = {name: _read_json(models_dir / name / "run.json", f"train@{name}")["run_id"]
-                   for name in experiments}
+        run_ids = {name: tracking.load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
         run_id = log_to_mlflow([markdown, page], run_ids, rows)
         log.info("report: MLflow run %s in experiment '%s'", run_id, PIPELINE_EXPERIMENT)
     return rows

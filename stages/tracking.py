@@ -4,9 +4,10 @@ The store is ``MLFLOW_TRACKING_URI`` when set (a team server), else the
 embedded SQLite database ``mlflow.db`` in the project root, which ``mlflow ui``
 opens by default. ``dvc exp run --queue``/``--temp`` runs stages in a copy of
 the project under ``<project>/.dvc/tmp/exps/``; the default store is resolved
-to the project itself, so those runs are not lost with the copy. There is one MLflow experiment per task kind
-(``autoencoders``, ``classifiers``) so the UI's compare view lines up
-comparable runs; each DVC experiment entry is one run, named after it.
+to the project itself, so those runs are not lost with the copy. There is one
+MLflow experiment per task kind (``autoencoders``, ``classifiers``) so the
+UI's compare view lines up comparable runs; each DVC experiment entry is one
+run, named after it.
 
 Every run is tagged with the git commit and dirty flag, the DVC experiment
 name (``DVC_EXP_NAME``, set by ``dvc exp run``), the stage, and the md5 of
