@@ -8,7 +8,7 @@ figure from ``params.yaml``; writes ``reports/summary.md`` and
 Experiments are comparable when they read the same input and predict the same
 target: autoencoders are ranked within such a group by test PSNR (the mean of
 per-image PSNR), beside the PCA baseline at the same latent size, and
-classifiers by test accuracy; the best of each group is marked.
+classifiers by test accuracy; the best of each group of two or more is marked.
 
 Both files are logged to one MLflow run in the experiment ``pipeline``, which
 groups the experiments' runs: it is tagged ``run.<experiment>`` with each
@@ -70,10 +70,14 @@ def build_rows(experiments: dict, metrics: dict[str, dict]) -> list[Row]:
 
     rows.sort(key=lambda r: (r.task != "autoencoder", r.dataset, -score(r), r.name))
     best: dict[tuple[str, str], float] = {}
+    size: dict[tuple[str, str], int] = {}
     for row in rows:
-        best[(row.task, row.dataset)] = max(best.get((row.task, row.dataset), float("-inf")), score(row))
+        group = (row.task, row.dataset)
+        best[group] = max(best.get(group, float("-inf")), score(row))
+        size[group] = size.get(group, 0) + 1
     for row in rows:
-        row.best = score(row) == best[(row.task, row.dataset)]
+        group = (row.task, row.dataset)
+        row.best = size[group] > 1 and score(row) == best[group]  # a model alone in its group is not "best"
     return rows
 
 
@@ -116,7 +120,7 @@ def render_markdown(rows: list[Row]) -> str:
              "Test split. PSNR is the mean of per-image PSNR; \"PSNR pooled\" is the PSNR of the MSE "
              "over all test images. \"PCA same latent\" is a PCA reconstruction (of the corrupted input, "
              "for a denoiser) with as many components as the autoencoder's latent values. "
-             "**Bold**: the best model for its data (same input and target).", ""]
+             "**Bold**: the best of several models for the same data (input and target).", ""]
     for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
         chosen = [r for r in rows if r.task == task]
         if not chosen:
@@ -140,7 +144,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 2em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
-th { background: #f0f0f0; } td:first-child, td:nth-child(2), td:last-child { text-align: left; }
+th { background: #f0f0f0; }
+td:first-child, td:nth-child(2), td:last-child, th:first-child, th:nth-child(2), th:last-child { text-align: left; }
 tr.best td { background: #e6f4e6; font-weight: 600; }
 .up { color: #17702a; } .down { color: #b02020; }
 .cards { display: flex; flex-wrap: wrap; gap: 1.5em; }
@@ -167,7 +172,7 @@ def render_html(rows: list[Row]) -> str:
              "<title>Experiments</title>", f"<style>{STYLE}</style></head><body>", "<h1>Experiments</h1>",
              "<p>Test split. PSNR: mean of per-image PSNR; pooled: PSNR of the MSE over all test images. "
              "PCA same latent: a PCA reconstruction with as many components as the latent has values "
-             "(for a denoiser, of the noisy input). Green rows: the best model for their data (same input and target).</p>"]
+             "(for a denoiser, of the noisy input). Green rows: the best of several models for the same data (input and target).</p>"]
     for task, columns, cells, gain in (("autoencoder", AE_COLUMNS, _ae_cells, AE_COLUMNS.index("vs PCA")),
                                        ("classifier", CLF_COLUMNS, _clf_cells, None)):
         chosen = [r for r in rows if r.task == task]

@@ -52,18 +52,19 @@ def test_rows_ranked_within_the_same_input_and_target_and_best_marked():
                "cnn_a": _clf_metrics(0.5), "cnn_b": _clf_metrics(0.9), "denoise": _ae_metrics(19.0)}
     rows = build_rows(params.experiments, metrics)
     assert [r.name for r in rows] == ["denoise", "big", "small", "other", "cnn_b", "cnn_a"]
-    # a denoiser is not ranked against autoencoders that see clean input
-    assert {r.name for r in rows if r.best} == {"denoise", "big", "other", "cnn_b"}
+    # a denoiser is not ranked against autoencoders that see clean input; a model alone is not "best"
+    assert {r.name for r in rows if r.best} == {"big", "cnn_b"}
     assert rows[0].dataset == "corrupted/digits_noisy -> prepared/digits"
     assert rows[1].epochs == 3 and rows[1].dataset == "prepared/digits"
 
 
 def test_markdown_table_shows_gain_over_pca_seed_figure_and_noisy_input():
     params = _params(dae=_ae(source="corrupted/digits_noisy", seed_figure="val_loss 0.1 | 10 epochs"),
-                     cnn=_clf())
-    metrics = {"dae": _ae_metrics(23.5, pca=21.25, psnr_input=9.4), "cnn": _clf_metrics(0.9876)}
+                     dae_small=_ae(source="corrupted/digits_noisy"), cnn=_clf(), cnn_small=_clf())
+    metrics = {"dae": _ae_metrics(23.5, pca=21.25, psnr_input=9.4), "cnn": _clf_metrics(0.9876),
+               "dae_small": _ae_metrics(20.0, psnr_input=9.4), "cnn_small": _clf_metrics(0.5)}
     text = render_markdown(build_rows(params.experiments, metrics))
-    ae_line = next(line for line in text.splitlines() if "dae" in line)
+    ae_line = next(line for line in text.splitlines() if "**dae**" in line)
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", ae_line)[1:-1]]
     assert cells[0] == "**dae**"
     assert cells[4:10] == ["23.50", "23.00", "21.25", "+2.25", "9.40", "0.900"]
