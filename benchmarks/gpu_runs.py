@@ -1,0 +1,210 @@
+"""Run experiments' train and evaluate stages on a GPU machine without DVC.
+
+For a machine that has a GPU and Keras on JAX but no DVC (the lent GPU
+machine): runs the data stages the chosen experiments need, then ``train``
+and ``evaluate`` of every chosen experiment at once (one process each, the
+GPU shared), with exactly the commands and output paths of ``dvc.yaml``, and
+packs each experiment's outputs into ``OUT/<experiment>.tar.gz``. Back home,
+after ``dvc repro`` of the data stages, unpack them and ``dvc commit
+train@<e> evaluate@<e>``: the data files' md5 sums in ``OUT/summary.json``
+must equal those in ``dvc.lock`` (the data stages are deterministic), or the
+outputs were made from other data and must not be committed.
+
+It also measures how reproducible training is there: ``--det-runs`` copies
+of ``--det-experiment`` for ``--det-epochs`` epochs, half with XLA's default
+GPU kernels and half with ``--xla_gpu_deterministic_ops=true``; the spread of
+their test metrics goes into the summary.
+
+    KERAS_BACKEND=jax DATA_MIRROR=mirror python benchmarks/gpu_runs.py --out OUT \\
+        mnist_denoise cifar10_cae_4pool cifar10_cae_3pool
+
+``--set limits.max_epochs=1`` (repeatable) runs the same on a params copy:
+a rehearsal on a CPU, never for outputs to commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("gpu_runs")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage(name: str, *args: str, params: Path, log_file: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m stages.<name> ...`` with its output in ``log_file``."""
+    cmd = [sys.executable, "-m", f"stages.{name}", *args, "--params", str(params)]
+    handle = log_file.open("w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def wait(proc: subprocess.Popen, log_file: Path, what: str) -> None:
+    if proc.wait() != 0:
+        sys.stderr.write(log_file.read_text()[-6000:])
+        raise SystemExit(f"gpu_runs: {what} failed with exit code {proc.returncode} (log: {log_file})")
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_needs(params: dict, experiments: list[str]) -> tuple[list[str], list[str]]:
+    """The datasets to download/prepare and the corruptions to make for these experiments."""
+    datasets, corruptions = set(), set()
+    for name in experiments:
+        data = params["experiments"][name]["data"]
+        for ref in (data["input"], data["target"]):
+            kind, stem = ref.split("/", 1)
+            if kind == "corrupted":
+                corruptions.add(stem)
+                datasets.add(params["corruptions"][stem]["dataset"])
+            else:
+                datasets.add(stem)
+    return sorted(datasets), sorted(corruptions)
+
+
+def outputs(name: str) -> list[str]:
+    """What dvc.yaml's train@ and evaluate@ stages of ``name`` write."""
+    return [f"models/{name}", f"checkpoints/{name}", f"metrics/{name}.json", f"plots/{name}.json",
+            f"reports/{name}"]
+
+
+def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: Path | None = None) -> dict:
+    """train@name then evaluate@name; with ``prefix`` the outputs go under it instead of the project."""
+    def path(rel: str) -> str:
+        return str(prefix / rel) if prefix else rel
+
+    started = time.perf_counter()
+    tag = f"{name}{'.' + prefix.name if prefix else ''}"
+    wait(stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
+               params=params, log_file=logs / f"{tag}.train.log", env=env), logs / f"{tag}.train.log",
+         f"train@{tag}")
+    trained = time.perf_counter()
+    wait(stage("evaluate", name, "--model", path(f"models/{name}"), "--metrics", path(f"metrics/{name}.json"),
+               "--reports", path(f"reports/{name}"), "--plots", path(f"plots/{name}.json"),
+               params=params, log_file=logs / f"{tag}.evaluate.log", env=env), logs / f"{tag}.evaluate.log",
+         f"evaluate@{tag}")
+    done = time.perf_counter()
+    metrics = json.loads((ROOT / path(f"metrics/{name}.json")).read_text())  # ROOT / absolute = absolute
+    return {"train_s": round(trained - started, 1), "evaluate_s": round(done - trained, 1),
+            "test": metrics["test"], "epochs": metrics["epochs"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="*", help="experiments to train and evaluate")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the tarballs and summary.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param (dotted key, YAML value) in a copy of params.yaml")
+    parser.add_argument("--det-experiment", default="mnist_cae")
+    parser.add_argument("--det-epochs", type=int, default=2)
+    parser.add_argument("--det-runs", type=int, default=4, help="half default kernels, half deterministic")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_runs_"))
+    logs = work / "logs"
+    logs.mkdir()
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params_file = ROOT / "params.yaml"
+    if args.set:
+        for item in args.set:
+            key, value = item.split("=", 1)
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = yaml.safe_load(value)
+        params_file = work / "params.yaml"
+        params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
+    summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overrides": args.set,
+                     "backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
+    try:
+        summary["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        summary["gpu"] = "none"
+
+    def save() -> None:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    datasets, corruptions = data_needs(raw, args.experiments + [args.det_experiment])
+    started = time.perf_counter()
+    for ds in datasets:
+        for name, extra in (("download", ["--out", f"data/raw/{ds}"]),
+                            ("prepare", ["--raw", f"data/raw/{ds}", "--out", f"data/prepared/{ds}.npz"])):
+            wait(stage(name, ds, *extra, params=params_file, log_file=logs / f"{name}.{ds}.log", env=env),
+                 logs / f"{name}.{ds}.log", f"{name}@{ds}")
+    for c in corruptions:
+        ds = raw["corruptions"][c]["dataset"]
+        wait(stage("corrupt", c, "--data", f"data/prepared/{ds}.npz", "--out", f"data/corrupted/{c}.npz",
+                   params=params_file, log_file=logs / f"corrupt.{c}.log", env=env), logs / f"corrupt.{c}.log",
+             f"corrupt@{c}")
+    summary["data_s"] = round(time.perf_counter() - started, 1)
+    summary["data_md5"] = {str(p.relative_to(ROOT)): md5(p) for p in sorted(
+        [*(ROOT / "data/prepared").glob("*.npz"), *(ROOT / "data/corrupted").glob("*.npz")])}
+    save()
+    log.info("data ready in %.1f s: %s", summary["data_s"], summary["data_md5"])
+
+    # Every experiment and every determinism copy at once, one process each.
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    det_env = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()}
+    det_params = work / "det.yaml"
+    det_raw = yaml.safe_load(params_file.read_text())
+    det_raw["limits"]["max_epochs"] = args.det_epochs
+    det_params.write_text(yaml.safe_dump(det_raw, sort_keys=False))
+    summary["experiments"], summary["determinism"] = {}, {"experiment": args.det_experiment,
+                                                          "epochs": args.det_epochs, "runs": {}}
+    with ThreadPoolExecutor(max_workers=len(args.experiments) + args.det_runs) as pool:
+        jobs = {}
+        for name in args.experiments:
+            jobs[pool.submit(train_and_evaluate, name, params_file, logs, env)] = ("experiment", name)
+        for i in range(args.det_runs):
+            deterministic = i >= args.det_runs // 2
+            prefix = work / f"det{i}{'_xla_deterministic' if deterministic else ''}"
+            # each copy its own MLflow store: these runs are measurements, not results
+            run_env = {**(det_env if deterministic else env),
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{prefix}/mlflow.db"}
+            prefix.mkdir()
+            jobs[pool.submit(train_and_evaluate, args.det_experiment, det_params, logs, run_env, prefix)] = (
+                "determinism", prefix.name)
+        wall = time.perf_counter()
+        for future in as_completed(jobs):
+            kind, name = jobs[future]
+            result = future.result()
+            if kind == "experiment":
+                with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
+                    for rel in outputs(name):
+                        tar.add(ROOT / rel, arcname=rel)
+                summary["experiments"][name] = result
+            else:
+                summary["determinism"]["runs"][name] = result
+            summary["wall_s"] = round(time.perf_counter() - wall, 1)
+            save()
+            log.info("%s %s: %s", kind, name, json.dumps(result))
+    with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
