@@ -1,0 +1,47 @@
+"""benchmarks/gpu_runs.py stays in step with dvc.yaml and params.yaml.
+
+It runs the stages outside DVC and its outputs are then recorded with
+``dvc commit``, so it must write exactly what the stages declare and prepare
+exactly the data an experiment reads.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("gpu_runs", ROOT / "benchmarks" / "gpu_runs.py")
+gpu_runs = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(gpu_runs)
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _declared(stage: str, key: str, field: str) -> list[str]:
+    paths = []
+    for entry in PIPELINE[stage]["do"].get(field, []):
+        path = next(iter(entry)) if isinstance(entry, dict) else entry
+        paths.append(path.replace("${key}", key))
+    return paths
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS["experiments"]))
+def test_packs_every_output_that_train_and_evaluate_declare(name):
+    packed = gpu_runs.outputs(name)
+    declared = [path for stage in ("train", "evaluate") for field in ("outs", "metrics", "plots")
+                for path in _declared(stage, name, field)]
+    assert declared
+    for path in declared:
+        assert any(path == p or path.startswith(p + "/") for p in packed), path
+    for p in packed:  # and nothing that no stage declares
+        assert any(path == p or path.startswith(p + "/") for path in declared), p
+
+
+def test_prepares_the_datasets_and_corruptions_an_experiment_reads():
+    assert gpu_runs.data_needs(PARAMS, ["mnist_denoise"]) == (["mnist"], ["mnist_gaussian"])
+    assert gpu_runs.data_needs(PARAMS, ["cifar10_cae_4pool", "mnist_cae"]) == (["cifar10", "mnist"], [])
+    assert gpu_runs.data_needs(PARAMS, ["colored_mnist_cnn", "fashion_mnist_cnn"]) == (
+        ["fashion_mnist", "mnist"], ["colored_mnist"])
