@@ -78,6 +78,22 @@ def data_needs(params: dict, experiments: list[str]) -> tuple[list[str], list[st
     return sorted(datasets), sorted(corruptions)
 
 
+def apply_overrides(params: dict, items: list[str]) -> dict:
+    """Set each ``dotted.key=yaml-value`` in ``params`` (in place); only keys that exist."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {item}: params.yaml has no section '{part}' on the way to '{key}'")
+            node = node[part]
+        if not sep or leaf not in node:
+            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY an existing param")
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
 def outputs(name: str) -> list[str]:
     """What dvc.yaml's train@ and evaluate@ stages of ``name`` write."""
     return [f"models/{name}", f"checkpoints/{name}", f"metrics/{name}.json", f"plots/{name}.json",
@@ -116,21 +132,20 @@ def main() -> int:
     parser.add_argument("--det-runs", type=int, default=4, help="half default kernels, half deterministic")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    unknown = [name for name in args.experiments + [args.det_experiment] if name not in raw["experiments"]]
+    if unknown:
+        parser.error(f"no experiment {', '.join(unknown)} in params.yaml (known: {', '.join(raw['experiments'])})")
+    params_file = ROOT / "params.yaml"
+    try:
+        apply_overrides(raw, args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_runs_"))
     logs = work / "logs"
     logs.mkdir()
-
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params_file = ROOT / "params.yaml"
     if args.set:
-        for item in args.set:
-            key, value = item.split("=", 1)
-            node = raw
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = yaml.safe_load(value)
         params_file = work / "params.yaml"
         params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
@@ -173,7 +188,7 @@ def main() -> int:
     det_params.write_text(yaml.safe_dump(det_raw, sort_keys=False))
     summary["experiments"], summary["determinism"] = {}, {"experiment": args.det_experiment,
                                                           "epochs": args.det_epochs, "runs": {}}
-    with ThreadPoolExecutor(max_workers=len(args.experiments) + args.det_runs) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, len(args.experiments) + args.det_runs)) as pool:
         jobs = {}
         for name in args.experiments:
             jobs[pool.submit(train_and_evaluate, name, params_file, logs, env)] = ("experiment", name)

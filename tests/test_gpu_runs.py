@@ -45,3 +45,15 @@ def test_prepares_the_datasets_and_corruptions_an_experiment_reads():
     assert gpu_runs.data_needs(PARAMS, ["cifar10_cae_4pool", "mnist_cae"]) == (["cifar10", "mnist"], [])
     assert gpu_runs.data_needs(PARAMS, ["colored_mnist_cnn", "fashion_mnist_cnn"]) == (
         ["fashion_mnist", "mnist"], ["colored_mnist"])
+
+
+def test_overrides_set_existing_params_and_refuse_unknown_keys():
+    params = {"limits": {"max_epochs": None, "max_samples": None}, "experiments": {"a": {"training": {"epochs": 5}}}}
+    gpu_runs.apply_overrides(params, ["limits.max_epochs=1", "experiments.a.training.epochs=2"])
+    assert params["limits"]["max_epochs"] == 1 and params["experiments"]["a"]["training"]["epochs"] == 2
+    with pytest.raises(ValueError, match="limits.max_epoch=1: expected KEY=VALUE"):
+        gpu_runs.apply_overrides(params, ["limits.max_epoch=1"])
+    with pytest.raises(ValueError, match="no section 'limitz'"):
+        gpu_runs.apply_overrides(params, ["limitz.max_epochs=1"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        gpu_runs.apply_overrides(params, ["limits.max_epochs"])
