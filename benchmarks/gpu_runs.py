@@ -25,6 +25,7 @@ a rehearsal on a CPU, never for outputs to commit.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -42,17 +43,15 @@ log = logging.getLogger("gpu_runs")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stage(name: str, *args: str, params: Path, log_file: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start ``python -m stages.<name> ...`` with its output in ``log_file``."""
-    cmd = [sys.executable, "-m", f"stages.{name}", *args, "--params", str(params)]
-    handle = log_file.open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
-
-
-def wait(proc: subprocess.Popen, log_file: Path, what: str) -> None:
-    if proc.wait() != 0:
+def run_stage(name: str, target: str, *args: str, params: Path, logs: Path, env: dict, tag: str = "") -> None:
+    """Run ``python -m stages.<name> <target> ...``, its output in ``logs/<name>.<target><tag>.log``."""
+    log_file = logs / f"{name}.{target}{tag}.log"
+    cmd = [sys.executable, "-m", f"stages.{name}", target, *args, "--params", str(params)]
+    with log_file.open("w") as handle:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
         sys.stderr.write(log_file.read_text()[-6000:])
-        raise SystemExit(f"gpu_runs: {what} failed with exit code {proc.returncode} (log: {log_file})")
+        raise SystemExit(f"gpu_runs: {name}@{target}{tag} failed with exit code {code} (log: {log_file})")
 
 
 def md5(path: Path) -> str:
@@ -106,15 +105,13 @@ def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: P
         return str(prefix / rel) if prefix else rel
 
     started = time.perf_counter()
-    tag = f"{name}{'.' + prefix.name if prefix else ''}"
-    wait(stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
-               params=params, log_file=logs / f"{tag}.train.log", env=env), logs / f"{tag}.train.log",
-         f"train@{tag}")
+    tag = f".{prefix.name}" if prefix else ""
+    run_stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
+              params=params, logs=logs, env=env, tag=tag)
     trained = time.perf_counter()
-    wait(stage("evaluate", name, "--model", path(f"models/{name}"), "--metrics", path(f"metrics/{name}.json"),
-               "--reports", path(f"reports/{name}"), "--plots", path(f"plots/{name}.json"),
-               params=params, log_file=logs / f"{tag}.evaluate.log", env=env), logs / f"{tag}.evaluate.log",
-         f"evaluate@{tag}")
+    run_stage("evaluate", name, "--model", path(f"models/{name}"), "--metrics", path(f"metrics/{name}.json"),
+              "--reports", path(f"reports/{name}"), "--plots", path(f"plots/{name}.json"),
+              params=params, logs=logs, env=env, tag=tag)
     done = time.perf_counter()
     metrics = json.loads((ROOT / path(f"metrics/{name}.json")).read_text())  # ROOT / absolute = absolute
     return {"train_s": round(trained - started, 1), "evaluate_s": round(done - trained, 1),
@@ -163,15 +160,13 @@ def main() -> int:
     datasets, corruptions = data_needs(raw, args.experiments + [args.det_experiment])
     started = time.perf_counter()
     for ds in datasets:
-        for name, extra in (("download", ["--out", f"data/raw/{ds}"]),
-                            ("prepare", ["--raw", f"data/raw/{ds}", "--out", f"data/prepared/{ds}.npz"])):
-            wait(stage(name, ds, *extra, params=params_file, log_file=logs / f"{name}.{ds}.log", env=env),
-                 logs / f"{name}.{ds}.log", f"{name}@{ds}")
+        run_stage("download", ds, "--out", f"data/raw/{ds}", params=params_file, logs=logs, env=env)
+        run_stage("prepare", ds, "--raw", f"data/raw/{ds}", "--out", f"data/prepared/{ds}.npz",
+                  params=params_file, logs=logs, env=env)
     for c in corruptions:
         ds = raw["corruptions"][c]["dataset"]
-        wait(stage("corrupt", c, "--data", f"data/prepared/{ds}.npz", "--out", f"data/corrupted/{c}.npz",
-                   params=params_file, log_file=logs / f"corrupt.{c}.log", env=env), logs / f"corrupt.{c}.log",
-             f"corrupt@{c}")
+        run_stage("corrupt", c, "--data", f"data/prepared/{ds}.npz", "--out", f"data/corrupted/{c}.npz",
+                  params=params_file, logs=logs, env=env)
     summary["data_s"] = round(time.perf_counter() - started, 1)
     summary["data_md5"] = {str(p.relative_to(ROOT)): md5(p) for p in sorted(
         [*(ROOT / "data/prepared").glob("*.npz"), *(ROOT / "data/corrupted").glob("*.npz")])}
@@ -183,7 +178,7 @@ def main() -> int:
 
     det_env = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()}
     det_params = work / "det.yaml"
-    det_raw = yaml.safe_load(params_file.read_text())
+    det_raw = copy.deepcopy(raw)  # the params of the runs above, overrides included
     det_raw["limits"]["max_epochs"] = args.det_epochs
     det_params.write_text(yaml.safe_dump(det_raw, sort_keys=False))
     summary["experiments"], summary["determinism"] = {}, {"experiment": args.det_experiment,
