@@ -18,12 +18,11 @@ import io
 import json
 import logging
 import os
-import shutil
 import tarfile
 import urllib.parse
 from pathlib import Path, PurePosixPath
 
-from stages import cli, params as params_mod
+from stages import atomic, cli, params as params_mod
 from stages.archives import is_archive, members, verify_archive
 from stages.fetch import (
     ChecksumError, FetchError, Transport, check_sha256, copy_verified, fetch, local_path, redact, sha256_file,
@@ -135,22 +134,13 @@ def download(dataset: str, out: Path, params: params_mod.Params) -> dict:
     mirror = resolve_mirror(settings.mirror) if source.builtin else None
     origin = redact(source.path) if source.path else redact(mirror) if mirror else "official host"
     log.info("download %s (source %s) from %s -> %s", dataset, source.name, origin, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic.replacing(out, directory=True) as staging:
         if source.builtin:
             manifest = _builtin(source.builtin, staging, mirror, transport, cache)
         else:
             manifest = _image_folder(source, staging, transport, cache)
         manifest["dataset"] = dataset
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("download %s: %d file(s) verified in %s", dataset, len(manifest["files"]), out)
     return manifest
 

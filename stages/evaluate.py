@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages import cli, metrics, params as params_mod, plots, tracking  # noqa: E402
+from stages import atomic, cli, metrics, params as params_mod, plots, tracking  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import ExperimentData  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
@@ -117,26 +117,33 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{model_dir}: cannot load the trained model ({exc}); run train@{name}") from None
     log.info("evaluate %s: %s on the test split of %s (%s)", name, exp.task, exp.data.input, data.source)
-    reports.mkdir(parents=True, exist_ok=True)
     compute = autoencoder_metrics if exp.task == "autoencoder" else classifier_metrics
-    results = compute(name, exp, data, model, reports)
-    results = {key: round(float(value), 6) for key, value in results.items()}
-    epochs = len(next(iter(history.values()), []))
-    plots.loss_curves(history, reports / "curves.png")
-    summary = {"experiment": name, "task": exp.task, "dataset": exp.data.input, "dataset_source": data.source,
-               "epochs": epochs, "test": results}
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
-    plots_file.parent.mkdir(parents=True, exist_ok=True)
-    records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]
-    plots_file.write_text(json.dumps(records, indent=2) + "\n")
-
-    tracking.connect(exp.task)
-    with tracking.start_run(ref["run_id"], name):
-        mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
-        mlflow.log_artifacts(str(reports), "evaluation")
-        mlflow.log_artifact(str(metrics_file), "evaluation")
-        mlflow.set_tag("evaluated_by", f"evaluate@{name}")
+    # everything is written under temporary names and renamed only after the
+    # MLflow run took it: a failed or killed evaluate leaves no outputs
+    with atomic.replacing(reports, directory=True) as staging:
+        results = compute(name, exp, data, model, staging)
+        results = {key: round(float(value), 6) for key, value in results.items()}
+        epochs = len(next(iter(history.values()), []))
+        plots.loss_curves(history, staging / "curves.png")
+        summary = {"experiment": name, "task": exp.task, "dataset": exp.data.input, "dataset_source": data.source,
+                   "epochs": epochs, "test": results}
+        records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]
+        tracking.connect(exp.task)
+        tracking.start_run(ref["run_id"], name)
+        try:
+            mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
+            mlflow.log_artifacts(str(staging), "evaluation")
+            mlflow.log_dict(summary, f"evaluation/{metrics_file.name}")
+            mlflow.set_tag("evaluated_by", f"evaluate@{name}")
+            mlflow.end_run()
+        except BaseException as exc:
+            tracking.end_run_quietly("FAILED")
+            if not isinstance(exc, Exception):
+                raise
+            raise tracking.TrackingError(f"evaluate {name}: MLflow store {tracking.tracking_label()} did not "
+                                         f"take the results: {tracking.describe_failure(exc)}") from None
+        atomic.write_text(metrics_file, json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(plots_file, json.dumps(records, indent=2) + "\n")
     log.info("evaluate %s: %s", name, {k: v for k, v in results.items() if not k.startswith("class_")})
     return summary
 

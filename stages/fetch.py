@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import urllib.parse
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import requests
 import tenacity
 from tqdm import tqdm
 
+from stages import atomic
 from stages.archives import gunzip
 from stages.errors import PipelineError
 
@@ -189,23 +189,14 @@ def fetch(
         except PipelineError as exc:
             log.warning("%s: cached copy failed verification (%s); fetching again", target, exc)
             target.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    with atomic.replacing(target) as tmp:
         log.info("fetching %s", shown)
         _transfer(location, tmp, transport, desc=target.name)
         verify(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return True
 
 
 def copy_verified(cached: Path, target: Path) -> None:
     """Copy an already verified file to ``target`` through a temporary name."""
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
+    with atomic.replacing(target) as tmp:
         shutil.copyfile(cached, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

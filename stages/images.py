@@ -16,13 +16,13 @@ refuses anything but uint8, so scaling twice is impossible too.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from stages import atomic
 from stages.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
@@ -76,18 +76,13 @@ def save(path: Path, data: DatasetFile) -> None:
         arrays[f"{name}_labels"] = split.labels.astype(np.int64)
     arrays["class_names"] = np.asarray(data.class_names, dtype=np.str_)
     arrays["meta"] = np.asarray(json.dumps(data.meta, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic.replacing(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for key, array in arrays.items():
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=_EPOCH)
                 info.external_attr = 0o644 << 16
                 with archive.open(info, "w", force_zip64=True) as handle:
                     np.lib.format.write_array(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path | str) -> DatasetFile:

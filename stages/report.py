@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages import cli, params as params_mod, tracking
+from stages import atomic, cli, params as params_mod, tracking
 from stages.errors import PipelineError
 
 log = logging.getLogger("stages.report")
@@ -202,34 +202,41 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
-def log_to_mlflow(files: list[Path], run_ids: dict[str, str], rows: list[Row]) -> str:
-    """One MLflow run grouping the experiments' runs; returns its id."""
+def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row]) -> str:
+    """One MLflow run grouping the experiments' runs, with ``pages`` ({file name: text}); returns its id."""
     import mlflow
 
     tracking.connect_experiment(PIPELINE_EXPERIMENT)
     client = mlflow.tracking.MlflowClient()
-    with tracking.start_run(None, "report") as run:
+    run = tracking.start_run(None, "report")
+    try:
         mlflow.set_tags({"stage": "report", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                          **tracking.git_state(), **{f"run.{name}": rid for name, rid in run_ids.items()}})
         for row in rows:
             key = "psnr" if row.task == "autoencoder" else "accuracy"
             if key in row.test:
                 mlflow.log_metric(f"{row.name}.test_{key}", row.test[key])
-        for path in files:
-            mlflow.log_artifact(str(path))
+        for file_name, text in pages.items():
+            mlflow.log_text(text, file_name)
         for name, rid in run_ids.items():
             try:
                 client.set_tag(rid, "pipeline_run_id", run.info.run_id)
             except mlflow.exceptions.MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
                 log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
-                            getattr(exc, "message", exc))
-        return run.info.run_id
+                            tracking.describe_failure(exc))
+        mlflow.end_run()
+    except BaseException as exc:
+        tracking.end_run_quietly("FAILED")
+        if not isinstance(exc, Exception):
+            raise
+        raise tracking.TrackingError(f"report: MLflow store {tracking.tracking_label()} did not take the "
+                                     f"report: {tracking.describe_failure(exc)}") from None
+    return run.info.run_id
 
 
 def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, models_dir: Path,
@@ -242,14 +249,14 @@ def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, mode
     for row in rows:
         wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
         row.images = {p.stem: p for p in (reports_dir / row.name / f for f in wanted) if p.is_file()}
-    markdown, page = out_dir / "summary.md", out_dir / "index.html"
-    _write(markdown, render_markdown(rows))
-    _write(page, render_html(rows))
-    log.info("report: %d experiments -> %s, %s", len(rows), markdown, page)
-    if log_mlflow:
+    pages = {"summary.md": render_markdown(rows), "index.html": render_html(rows)}
+    if log_mlflow:  # first, so that a store that fails leaves no report behind
         run_ids = {name: tracking.load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
-        run_id = log_to_mlflow([markdown, page], run_ids, rows)
+        run_id = log_to_mlflow(pages, run_ids, rows)
         log.info("report: MLflow run %s in experiment '%s'", run_id, PIPELINE_EXPERIMENT)
+    for file_name, text in pages.items():
+        _write(out_dir / file_name, text)
+    log.info("report: %d experiments -> %s", len(rows), ", ".join(str(out_dir / f) for f in pages))
     return rows
 
 

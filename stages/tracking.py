@@ -22,11 +22,14 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import yaml
 
+from stages import atomic
 from stages.errors import PipelineError
 from stages.fetch import redact
 
@@ -134,6 +137,71 @@ def run_tags(task: str, experiment: str, stage: str, data: list[str], params: di
     return tags
 
 
+# An unreachable server must fail a stage within 30 s, not after MLflow's
+# default of 7 retries with 120 s timeouts (many minutes). Worst case with
+# these: 3 tries x 6 s + 1 + 2 s back-off + jitter, about 23 s. Users set
+# MLflow's own variables to change them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "6", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``http://user:pw@host/x`` -> (``http://host/x``, user, pw); other URIs unchanged."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or (parts.username is None and parts.password is None):
+        return uri, None, None
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return (bare, urllib.parse.unquote(parts.username or ""),
+            urllib.parse.unquote(parts.password) if parts.password is not None else None)
+
+
+def use_store() -> str:
+    """Point MLflow at the store; returns the URI MLflow was given.
+
+    Credentials in an http(s) URI are moved into ``MLFLOW_TRACKING_USERNAME``
+    / ``MLFLOW_TRACKING_PASSWORD`` (MLflow sends them as basic auth), so the
+    URI MLflow holds, prints in run links and puts in its errors has none.
+    """
+    import mlflow
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri, user, password = split_credentials(tracking_uri())
+    if user is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A one-line reason for an MLflow failure, without URLs (and so without credentials)."""
+    text = str(exc)
+    for marker, reason in (("ConnectionRefused", "connection refused"),
+                           ("NewConnectionError", "cannot connect"),
+                           ("NameResolutionError", "host name not found"),
+                           ("ReadTimeout", f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"),
+                           ("ConnectTimeout", "connection timed out"),
+                           ("RemoteDisconnected", "connection closed by the server"),
+                           ("database is locked", "database is locked")):
+        if marker in text:
+            tries = 1 + int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or 0)
+            return f"{reason}" + (f" ({tries} tries)" if "://" in tracking_label() else "")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return redact_text(first)[:300]
+
+
+def redact_text(text: str) -> str:
+    """``text`` with credentials in any URL it contains removed."""
+    return re.sub(r"(\w[\w+.-]*://)[^/@\s]*@", r"\1***@", text)
+
+
 def connect(task: str) -> str:
     """Point MLflow at the store and the task's experiment; return the experiment id."""
     return connect_experiment(EXPERIMENTS[task])
@@ -143,13 +211,12 @@ def connect_experiment(name: str) -> str:
     """Point MLflow at the store and the experiment ``name``; return its id."""
     import mlflow
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    use_store()
     try:
         return mlflow.set_experiment(name).experiment_id
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
-        message = str(exc).replace(uri, redact(uri))
-        raise TrackingError(f"MLflow store {tracking_label()} unusable: {message}") from None
+        raise TrackingError(f"MLflow store {tracking_label()} unusable: {describe_failure(exc)}; "
+                            "check that it is running and MLFLOW_TRACKING_URI") from None
 
 
 def start_run(run_id: str | None, name: str):
@@ -159,19 +226,84 @@ def start_run(run_id: str | None, name: str):
     try:
         return mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
     except mlflow.exceptions.MlflowException as exc:
-        raise TrackingError(
-            f"MLflow run {run_id} for '{name}' cannot be continued in {tracking_label()}: "
-            f"{exc.message if hasattr(exc, 'message') else exc}. Was it logged to another tracking URI?"
-        ) from None
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise TrackingError(
+                f"MLflow run {run_id} for '{name}' cannot be continued in {tracking_label()}: "
+                f"{describe_failure(exc)}. Was it logged to another tracking URI?") from None
+        raise TrackingError(f"MLflow store {tracking_label()}: cannot {'continue run ' + run_id if run_id else 'start a run'} "
+                            f"for '{name}': {describe_failure(exc)}") from None
+
+
+def end_run_quietly(status: str) -> None:
+    """End the active run as ``status`` if the store answers; a failure is only logged."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)
+    except Exception as exc:  # noqa: BLE001 - already failing; the store may be the cause
+        log.warning("MLflow run not marked %s: %s", status, describe_failure(exc))
+
+
+def abandon(run_id: str) -> None:
+    """Mark a run that an interrupted, now discarded training left RUNNING as KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            log.info("MLflow run %s of an interrupted training with other params or data marked KILLED", run_id)
+    except Exception as exc:  # noqa: BLE001 - best effort: it may live in another store
+        log.info("MLflow run %s of an interrupted training not marked KILLED: %s", run_id, describe_failure(exc))
+
+
+class MetricLog:
+    """Per-epoch metrics of one run, sent in one request per flush.
+
+    A store that does not answer does not stop training: the epochs stay in
+    the history (and the checkpoint) and go with a later flush. After a
+    failure the next try waits ``pause_s``, so an outage costs one timeout,
+    not one per epoch. ``flush(..., required=True)`` raises instead.
+    """
+
+    def __init__(self, run_id: str, logged: int = 0, pause_s: float = 30.0):
+        self.run_id, self.logged, self.pause_s = run_id, logged, pause_s
+        self._retry_at = 0.0
+
+    def flush(self, history: dict[str, list[float]], upto: int, required: bool = False) -> bool:
+        """Send epochs ``logged+1..upto``; True if all of them are now logged."""
+        import time
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if self.logged >= upto:
+            return True
+        if not required and time.monotonic() < self._retry_at:
+            return False
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(values[step - 1]), now, step)
+                 for step in range(self.logged + 1, upto + 1) for key, values in history.items()]
+        try:
+            for start in range(0, len(batch), 1000):  # MLflow's limit per log_batch
+                MlflowClient().log_batch(self.run_id, metrics=batch[start:start + 1000], synchronous=True)
+        except Exception as exc:  # noqa: BLE001 - any store failure: keep training, say so once
+            reason = describe_failure(exc)
+            if required:
+                raise TrackingError(f"MLflow store {tracking_label()} did not take the metrics of run "
+                                    f"{self.run_id}: {reason}") from None
+            log.warning("MLflow store %s did not answer (%s); epochs %d-%d are kept and sent later",
+                        tracking_label(), reason, self.logged + 1, upto)
+            self._retry_at = time.monotonic() + self.pause_s
+            return False
+        self.logged = upto
+        return True
 
 
 def save_run_ref(path: Path, run_id: str, experiment_id: str) -> None:
     """The DVC output that tells later stages (and people) which MLflow run this is."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id,
-                               "tracking_uri": tracking_label()}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps({"run_id": run_id, "experiment_id": experiment_id,
+                                        "tracking_uri": tracking_label()}, indent=2) + "\n")
 
 
 def load_run_ref(path: Path) -> dict:

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages import cli, params as params_mod, tracking  # noqa: E402
+from stages import atomic, cli, params as params_mod, tracking  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
@@ -101,41 +101,58 @@ def restore_rng_states(model: keras.Model, states: list[np.ndarray]) -> None:
 
 
 class Checkpoint:
-    """``checkpoints/<experiment>/``: last.keras, rng.npz, then state.json last of all."""
+    """``checkpoints/<experiment>/``: ``state.json`` and the files it names.
+
+    The model (with optimizer state) and the layers' RNG states of epoch *e*
+    are written as ``model-<e>.keras`` and ``rng-<e>.npz`` first, then
+    ``state.json`` is replaced atomically to name them, then older files are
+    removed: whenever the process is killed, ``state.json`` names a complete
+    pair or none (epoch 0, written when the MLflow run is created, so a run
+    killed in its first epoch is continued rather than left RUNNING).
+    """
 
     def __init__(self, folder: Path, fingerprint: str):
         self.folder, self.fingerprint = folder, fingerprint
+        self.path = folder / "state.json"
 
-    def load(self) -> tuple[keras.Model, dict] | None:
+    def read(self) -> dict | None:
         try:
-            state = json.loads((self.folder / "state.json").read_text())
+            return json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if state.get("complete"):
-            return None  # a finished run: a forced re-run trains afresh
-        if state.get("fingerprint") != self.fingerprint:
-            log.info("checkpoint in %s is for other params or data; starting afresh", self.folder)
-            return None
-        model = keras.models.load_model(self.folder / "last.keras")
-        with np.load(self.folder / "rng.npz") as rng:
+
+    def usable(self, state: dict | None) -> bool:
+        """A state to resume from: same params and data, and not a finished run."""
+        return bool(state) and not state.get("complete") and state.get("fingerprint") == self.fingerprint
+
+    def model(self, state: dict) -> keras.Model:
+        model = keras.models.load_model(self.folder / state["model"])
+        with np.load(self.folder / state["rng"]) as rng:
             restore_rng_states(model, [rng[f"s{i}"] for i in range(len(rng.files))])
-        return model, state
+        return model
+
+    def _write_state(self, state: dict) -> None:
+        atomic.write_text(self.path, json.dumps({**state, "fingerprint": self.fingerprint}))
+
+    def start(self, run_id: str) -> dict:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"epoch": 0, "history": {}, "run_id": run_id, "logged": 0}
+        self._write_state(state)
+        return state
 
     def save(self, model: keras.Model, state: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "state.json").unlink(missing_ok=True)  # never pair old state with new files
-        model.save(self.folder / ".last.keras")
-        os.replace(self.folder / ".last.keras", self.folder / "last.keras")
-        np.savez(self.folder / ".rng.npz", **{f"s{i}": s for i, s in enumerate(rng_states(model))})
-        os.replace(self.folder / ".rng.npz", self.folder / "rng.npz")
-        (self.folder / ".state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
-        os.replace(self.folder / ".state.json", self.folder / "state.json")
+        epoch = state["epoch"]
+        names = {"model": f"model-{epoch}.keras", "rng": f"rng-{epoch}.npz"}
+        # written in place: until state.json names them, half-written files are never read
+        model.save(self.folder / names["model"])
+        np.savez(self.folder / names["rng"], **{f"s{i}": s for i, s in enumerate(rng_states(model))})
+        self._write_state({**state, **names})
+        for old in [*self.folder.glob("model-*.keras"), *self.folder.glob("rng-*.npz")]:
+            if old.name not in names.values():
+                old.unlink(missing_ok=True)
 
-    def complete(self) -> None:
-        path = self.folder / "state.json"
-        state = json.loads(path.read_text())
-        (self.folder / ".state.json").write_text(json.dumps({**state, "complete": True}))
-        os.replace(self.folder / ".state.json", path)
+    def update(self, **changes) -> None:
+        self._write_state({**(self.read() or {}), **changes})
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -211,41 +228,62 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     fingerprint = tracking.params_hash({"config": config, "epochs": epochs,
                                         "data": tracking.data_hashes(inputs), "samples": len(train_arrays)})
     checkpoint = Checkpoint(checkpoints, fingerprint)
-    resumed = checkpoint.load()
-    if resumed:
-        model, state = resumed
-        start, history, run_id = state["epoch"], state["history"], state["run_id"]
-        log.info("train %s: resuming from checkpoint after epoch %d of %d", name, start, epochs)
-    else:
+    state = checkpoint.read()
+    stale_run = None
+    if not checkpoint.usable(state):
+        if state and not state.get("complete"):
+            log.info("checkpoint in %s is for other params or data; starting afresh", checkpoints)
+            stale_run = state.get("run_id")
         checkpoint.clear()
+        state = None
+    if state and state["epoch"] > 0:
+        model = checkpoint.model(state)
+        log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
+    else:
         model = build(exp, image_shape, len(data.class_names))
-        start, history, run_id = 0, {}, None
+        if state:
+            log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
     log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s",
              name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
              epochs, exp.training.batch_size, keras.backend.backend())
     experiment_id = tracking.connect(exp.task)
-    run = tracking.start_run(run_id, name)
+    if stale_run:
+        tracking.abandon(stale_run)
+    run = tracking.start_run(state["run_id"] if state else None, name)
+    run_id = run.info.run_id
     try:
-        if run_id is None:
+        if state is None:
             mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
                                "train_samples": len(train_arrays), "val_samples": len(val_arrays)})
             mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
+            state = checkpoint.start(run_id)
+        history = state["history"]
+        metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
 
         def on_epoch(epoch: int, logs: dict) -> None:
-            mlflow.log_metrics(logs, step=epoch + 1)
-            checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run.info.run_id})
+            # the checkpoint first: a store that does not answer never costs training
+            checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
+                                    "logged": metrics_log.logged})
+            if metrics_log.flush(history, epoch + 1):
+                checkpoint.update(logged=metrics_log.logged)
 
-        fit(name, exp, train_arrays, val_arrays, model, start, epochs, history, on_epoch)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save(out / ".model.keras")
-        os.replace(out / ".model.keras", out / "model.keras")
-        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        log_model(model, to_unit_float(train_arrays.x[:4]))
-        tracking.save_run_ref(out / "run.json", run.info.run_id, experiment_id)
-        checkpoint.complete()
+        fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
+        try:
+            metrics_log.flush(history, epochs, required=True)
+            log_model(model, to_unit_float(train_arrays.x[:4]))
+        except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
+            raise tracking.TrackingError(
+                f"train {name}: the {epochs} epochs are trained and saved in {checkpoints}, but the MLflow "
+                f"store {tracking.tracking_label()} failed ({tracking.describe_failure(exc)}); run the stage "
+                "again when it answers: it logs the run without training again") from None
+        with atomic.replacing(out, directory=True) as folder:
+            model.save(folder / "model.keras")
+            (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+            tracking.save_run_ref(folder / "run.json", run_id, experiment_id)
         mlflow.end_run()
+        checkpoint.update(complete=True)
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        tracking.end_run_quietly("FAILED")
         raise
     final = {key: values[-1] for key, values in history.items()}
     log.info("train %s: %s", name, {k: round(v, 5) for k, v in final.items()})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import http.server
+import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,18 +24,29 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
+    def copyfile(self, source, outputfile):
+        rate = self.server.throttle.get(self.path)
+        if not rate:
+            return shutil.copyfileobj(source, outputfile)
+        while chunk := source.read(max(1, rate // 20)):  # ``rate`` bytes a second, in 50 ms steps
+            outputfile.write(chunk)
+            outputfile.flush()
+            time.sleep(0.05)
+
     def log_message(self, *args):  # keep test output quiet
         pass
 
 
 class LocalServer:
-    """A ThreadingHTTPServer serving ``root``; can fail the next N requests of a path."""
+    """A ThreadingHTTPServer serving ``root``; can fail the next N requests of a
+    path, or send a path slowly (``throttle``, bytes a second)."""
 
     def __init__(self, root: Path):
         handler = functools.partial(_Handler, directory=str(root))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.hits = Counter()
         self.httpd.failures = {}
+        self.httpd.throttle = {}
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -46,6 +59,9 @@ class LocalServer:
 
     def fail_next(self, path: str, times: int) -> None:
         self.httpd.failures[path] = times
+
+    def throttle(self, path: str, bytes_per_second: int) -> None:
+        self.httpd.throttle[path] = bytes_per_second
 
     def close(self) -> None:
         self.httpd.shutdown()

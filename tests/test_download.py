@@ -22,8 +22,7 @@ import pytest
 from builders import image_folder, pin_source, sha256, tar_gz, write_idx_mirror, zip_folder
 from conftest import params_for
 from stages import download, params as params_mod
-from stages.archives import ArchiveError
-from stages.fetch import ChecksumError, FetchError, check_sha256, sha256_file
+from stages.fetch import ChecksumError, check_sha256, sha256_file
 from stages.sources import SOURCES
 
 MNIST_FILES = [f.name for f in SOURCES["mnist"].files]

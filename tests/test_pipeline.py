@@ -2,10 +2,6 @@
 download, prepare, corrupt, then train and evaluate two tiny experiments."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,57 +9,31 @@ import pytest
 import yaml
 
 import builders
+from dvc_helpers import git_commit, make_project, pets_params, ran as _ran, run_dvc as _run
 from stages.images import load
 
-REPO = Path(__file__).resolve().parents[1]
-DVC = shutil.which("dvc", path=os.path.dirname(sys.executable)) or shutil.which("dvc")
-
-
-def _run(cwd, *args, check=True):
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    env.pop("DATA_MIRROR", None)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own default: sqlite:///mlflow.db in the project
-    result = subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+PETS_DAE = {"task": "autoencoder", "data": {"input": "corrupted/pets_noisy", "target": "prepared/pets"},
+            "model": {"kind": "conv_autoencoder", "filters": [4], "poolings": 1},
+            "training": {"loss": "bce", "epochs": 1, "batch_size": 4}}
+PETS_CNN = {"task": "classifier", "data": {"input": "prepared/pets", "target": "prepared/pets"},
+            "model": {"kind": "cnn", "conv": [{"filters": 4}], "dense": [8]},
+            "training": {"loss": "sparse_categorical_crossentropy", "epochs": 1, "batch_size": 4}}
 
 
 @pytest.fixture
-def dvc_project(tmp_path):
-    root = tmp_path / "proj"
-    root.mkdir()
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root)
+def pets_archive(tmp_path) -> Path:
     folder = tmp_path / "pets"
     builders.image_folder(folder, classes=("cat", "dog"), per_class=4, mode="L")
-    archive = builders.tar_gz(folder, tmp_path / "pets.tar.gz")
-    params = {
-        "limits": {"max_samples": None, "max_epochs": None},
-        "download": {"retries": 0, "cache_dir": "data/cache"},
-        "datasets": {"pets": {"source": {"path": str(archive), "sha256": builders.sha256(archive.read_bytes())},
-                              "split": {"val_fraction": 0.25, "seed": 0}}},
-        "corruptions": {"pets_noisy": {"dataset": "pets", "kind": "gaussian", "factor": 0.3, "seed": 0},
-                        "pets_rgb": {"dataset": "pets", "kind": "colorize", "mode": "channel", "seed": 0}},
-        "experiments": {
-            "pets_dae": {"task": "autoencoder",
-                         "data": {"input": "corrupted/pets_noisy", "target": "prepared/pets"},
-                         "model": {"kind": "conv_autoencoder", "filters": [4], "poolings": 1},
-                         "training": {"loss": "bce", "epochs": 1, "batch_size": 4}},
-            "pets_cnn": {"task": "classifier",
-                         "data": {"input": "prepared/pets", "target": "prepared/pets"},
-                         "model": {"kind": "cnn", "conv": [{"filters": 4}], "dense": [8]},
-                         "training": {"loss": "sparse_categorical_crossentropy", "epochs": 1, "batch_size": 4}},
-        },
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    _run(root, "init", "-q")
-    return root, params
+    return builders.tar_gz(folder, tmp_path / "pets.tar.gz")
 
 
-def _ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+@pytest.fixture
+def dvc_project(tmp_path, pets_archive):
+    source = {"path": str(pets_archive), "sha256": builders.sha256(pets_archive.read_bytes())}
+    corruptions = {"pets_noisy": {"dataset": "pets", "kind": "gaussian", "factor": 0.3, "seed": 0},
+                   "pets_rgb": {"dataset": "pets", "kind": "colorize", "mode": "channel", "seed": 0}}
+    params = pets_params(source, {"pets_dae": PETS_DAE, "pets_cnn": PETS_CNN}, corruptions)
+    return make_project(tmp_path / "proj", params), params
 
 
 def test_repro_then_noop_then_only_changed_stage(dvc_project):
@@ -165,9 +135,7 @@ def test_queued_experiments_run_two_at_a_time_and_keep_their_mlflow_runs(dvc_pro
 
     dvc_project, params = dvc_project
     _run(dvc_project, "repro")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
-    subprocess.run([*git, "add", "-A"], cwd=dvc_project, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=dvc_project, check=True)
+    git_commit(dvc_project, "baseline")
     for seed in (1, 2):
         _run(dvc_project, "exp", "run", "--queue", "-n", f"seed{seed}",
              "-S", f"+experiments.pets_cnn.training.seed={seed}")  # + adds a key params.yaml leaves at its default

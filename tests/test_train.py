@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -146,10 +147,34 @@ def test_nan_stops_with_a_clear_error_and_no_model(lab, caplog):
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def _train_process(root: Path, name: str) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+def _train_process(root: Path, name: str, tracking_uri: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{root / 'mlflow.db'}"}
     return subprocess.Popen([sys.executable, "-m", "stages.train", name], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_state(root: Path, name: str, process: subprocess.Popen, ready, timeout: float = 240) -> dict:
+    """Poll ``checkpoints/<name>/state.json`` until ``ready(state)``; the training must still run."""
+    path = root / "checkpoints" / name / "state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(path.read_text())
+            if ready(state):
+                return state
+        except (OSError, ValueError, KeyError):
+            pass
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never became ready")
+
+
+def _toy_lab(root: Path, experiments: dict) -> Path:
+    root.mkdir()
+    save(root / "data/prepared/toy.npz", _dataset(n=(600, 100, 100), shape=(16, 16, 1)))
+    _params(root, experiments)
+    return root
 
 
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
@@ -229,3 +254,43 @@ def test_evaluate_before_train_says_what_to_run(lab, caplog):
     _params(lab, {"ae": AE})
     assert evaluate_mod.main(["ae"]) == 1
     assert "models/ae/run.json: not found; run the train stage first" in caplog.text
+
+
+def test_training_killed_in_its_first_epoch_continues_the_same_mlflow_run(tmp_path):
+    """The run id is in the checkpoint before the first epoch, so a kill then
+    leaves no orphan RUNNING run and no duplicate."""
+    from mlflow.tracking import MlflowClient
+
+    root = _toy_lab(tmp_path / "lab", {"cls": {**CLS, "training": {**CLS["training"], "epochs": 2, "batch_size": 8}}})
+    process = _train_process(root, "cls")
+    state = _wait_for_state(root, "cls", process, lambda s: "run_id" in s)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads((root / "checkpoints/cls/state.json").read_text())["epoch"] == 0, "killed in epoch 1"
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_run(state["run_id"]).info.status == "RUNNING"
+
+    again = _train_process(root, "cls")
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"continuing MLflow run {state['run_id']}, killed in its first epoch" in err
+    runs = client.search_runs([client.get_experiment_by_name("classifiers").experiment_id])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(state["run_id"], "FINISHED")]
+    assert sorted(m.step for m in client.get_metric_history(state["run_id"], "loss")) == [1, 2]
+
+
+def test_a_killed_run_whose_params_changed_is_marked_killed(lab, caplog):
+    """A checkpoint left by a killed training with other params is not resumed,
+    and the run it names is marked KILLED instead of RUNNING forever."""
+    caplog.set_level(logging.INFO)
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 1}}})
+    client = _client()
+    orphan = client.create_run(client.create_experiment("autoencoders")).info.run_id  # RUNNING
+    (lab / "checkpoints/ae").mkdir(parents=True)
+    (lab / "checkpoints/ae/state.json").write_text(json.dumps(
+        {"epoch": 0, "history": {}, "run_id": orphan, "logged": 0, "fingerprint": "other params"}))
+    assert train_mod.main(["ae"]) == 0
+    assert "is for other params or data; starting afresh" in caplog.text
+    assert client.get_run(orphan).info.status == "KILLED"
+    new = json.loads((lab / "models/ae/run.json").read_text())["run_id"]
+    assert new != orphan and client.get_run(new).info.status == "FINISHED"

@@ -1,0 +1,123 @@
+"""A real ``mlflow server`` on 127.0.0.1 for tests, and a small client for its REST API.
+
+The server runs with a SQLite backend and a local artifact store (served
+through the server, ``--artifacts-destination``), in its own process group so
+that stopping it takes its workers along. MLflow's job runner (only used by
+its GenAI features) is switched off: its consumers would compete for the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    def __init__(self, root: Path, port: int | None = None):
+        self.root = root
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log = open(self.root / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited:\n{(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mlflow server not up in {timeout} s:\n{(self.root / 'server.log').read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=30)
+        if self.process:
+            try:  # workers left in the group (uvicorn) go too
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process = None
+
+    # --- REST API (https://mlflow.org/docs/latest/rest-api.html), read back without the MLflow client
+
+    def get(self, path: str, **query) -> dict:
+        url = f"{self.url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def experiment_id(self, name: str) -> str:
+        return self.get("experiments/get-by-name", experiment_name=name)["experiment"]["experiment_id"]
+
+    def runs(self, experiment: str) -> list[dict]:
+        found = self.post("runs/search", {"experiment_ids": [self.experiment_id(experiment)], "max_results": 1000})
+        return found.get("runs", [])
+
+    def metric_steps(self, run_id: str, key: str) -> list[int]:
+        history = self.get("metrics/get-history", run_id=run_id, metric_key=key, max_results=10000)
+        return sorted(m["step"] for m in history.get("metrics", []))
+
+    def artifacts(self, run_id: str, path: str = "") -> list[str]:
+        listed = self.get("artifacts/list", run_id=run_id, **({"path": path} if path else {}))
+        return sorted(f["path"] for f in listed.get("files", []))
+
+    def artifact(self, run_id: str, path: str) -> bytes:
+        query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+        with urllib.request.urlopen(f"{self.url}/get-artifact?{query}", timeout=30) as response:
+            return response.read()
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def metrics(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
