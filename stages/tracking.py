@@ -183,7 +183,7 @@ def use_store() -> str:
 def describe_failure(exc: BaseException) -> str:
     """A one-line reason for an MLflow failure, without URLs (and so without credentials)."""
     text = str(exc)
-    for marker, reason in (("ConnectionRefused", "connection refused"),
+    for marker, reason in (("Connection refused", "connection refused"),
                            ("NewConnectionError", "cannot connect"),
                            ("NameResolutionError", "host name not found"),
                            ("ReadTimeout", f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"),

@@ -79,13 +79,13 @@ class MlflowServer:
 
     # --- REST API (https://mlflow.org/docs/latest/rest-api.html), read back without the MLflow client
 
-    def get(self, path: str, **query) -> dict:
-        url = f"{self.url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+    def get(self, endpoint: str, **query) -> dict:
+        url = f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+    def post(self, endpoint: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
