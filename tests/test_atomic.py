@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,3 +67,17 @@ def test_write_text_sweeps_first(tmp_path):
     atomic.write_text(target, "hello")
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
     assert os.stat(target).st_size == 5
+
+
+def test_a_zombie_writer_counts_as_dead(tmp_path):
+    """A writer killed together with its parent may stay a zombie until reaped."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+    partial = tmp_path / f".x.partial-{zombie.pid}"
+    partial.write_text("junk")
+    try:
+        assert atomic.sweep_partials(tmp_path / "x") == [partial]
+    finally:
+        zombie.wait()

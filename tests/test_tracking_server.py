@@ -18,7 +18,10 @@ from mlflow_server import MlflowServer, free_port, metrics, params, tags
 from stages import tracking
 from stages import train as train_mod
 from test_pipeline import PETS_CNN
-from test_train import AE, CLS, _params, _toy_lab, _train_process, _wait_for_state, lab  # noqa: F401 (fixture)
+import test_train
+from test_train import AE, CLS, _params, _toy_lab, _train_process, _wait_for_state
+
+lab = test_train.lab  # the fixture: a project with a tiny prepared dataset
 
 
 @pytest.fixture
