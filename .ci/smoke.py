@@ -7,7 +7,10 @@ wrote: every experiment's metrics file exists with finite values, the
 autoencoders beat a PSNR floor, the classifiers beat chance (the deliberately
 broken colored-MNIST model excepted), the report exists, every MLflow run
 finished, and ``dvc exp show`` lists the metrics. The user's workspace is
-never touched.
+never touched. By default the stages log to a real ``mlflow server`` started
+on 127.0.0.1 for the run (SQLite backend, artifacts served by it), and the
+runs and artifacts are read back through its REST API; ``--tracking sqlite``
+uses the project's embedded store instead.
 
 Regressions: ``.ci/smoke-baseline/`` holds the metrics of a smoke run of
 main (refresh it with ``--update-baseline``). They are committed in the copy
@@ -76,7 +79,7 @@ def copy_tree(dest: Path, baseline: Path | None = None) -> None:
     sh("git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost", "commit", "-qm", "smoke", cwd=dest)
 
 
-def check(project: Path, max_epochs: int) -> list[str]:
+def check(project: Path, max_epochs: int, server=None) -> list[str]:
     """Every problem found in the smoke run's outputs (empty: all sane)."""
     problems = []
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -107,7 +110,7 @@ def check(project: Path, max_epochs: int) -> list[str]:
     for page in ("reports/index.html", "reports/summary.md"):
         if not (project / page).is_file():
             problems.append(f"{page}: missing")
-    problems += check_mlflow(project, set(experiments))
+    problems += check_server(server, set(experiments)) if server else check_mlflow(project, set(experiments))
     return problems
 
 
@@ -145,6 +148,26 @@ def check_mlflow(project: Path, names: set[str]) -> list[str]:
     return problems
 
 
+def check_server(server, names: set[str]) -> list[str]:
+    """The same checks through the tracking server's REST API, plus each
+    experiment's model and evaluation artifacts."""
+    runs = [r for experiment in server.experiments() for r in server.runs(experiment)]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    problems = [f"MLflow server: no run for {n}" for n in sorted(names - set(by_name))]
+    problems += [f"MLflow server: run {r['info']['run_name']} is {r['info']['status']}"
+                 for r in runs if r["info"]["status"] != "FINISHED"]
+    if "report" not in by_name:
+        problems.append("MLflow server: no report run")
+    for name in sorted(names & set(by_name)):
+        run_id = by_name[name]["info"]["run_id"]
+        if "model/MLmodel" not in server.artifacts(run_id, "model"):
+            problems.append(f"MLflow server: run {name} has no model artifact")
+        if not server.artifact(run_id, "evaluation/curves.png").startswith(b"\x89PNG"):
+            problems.append(f"MLflow server: run {name} has no evaluation/curves.png")
+    log.info("MLflow server: %d runs in %d experiments read back over HTTP", len(runs), len(server.experiments()))
+    return problems
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -155,6 +178,9 @@ def main() -> int:
     parser.add_argument("--download-cache", type=Path, help="keep verified downloads here between runs")
     parser.add_argument("--update-baseline", action="store_true",
                         help=f"store this run's metrics as the regression baseline ({BASELINE.relative_to(ROOT)})")
+    parser.add_argument("--tracking", choices=["server", "sqlite"], default="server",
+                        help="log to a real mlflow server started on 127.0.0.1 (default), or to the project's "
+                             "SQLite file")
     parser.add_argument("--official", action="store_true",
                         help="download from the official hosts (no mirror); CIFAR-10 from cifar-10-python.tar.gz")
     args = parser.parse_args()
@@ -177,12 +203,20 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="smoke-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    server = None
     try:
+        if args.tracking == "server":  # a real server over HTTP: SQLite backend, artifacts served by it
+            sys.path.insert(0, str(ROOT / "tests"))
+            from mlflow_server import MlflowServer
+
+            server = MlflowServer(work.parent / f"{work.name}-mlflow-server").start()
+            env["MLFLOW_TRACKING_URI"] = server.url
+            log.info("smoke: logging to a real mlflow server at %s", server.url)
         compare = BASELINE.is_dir() and not args.update_baseline
         copy_tree(work, BASELINE if compare else None)
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout
-        problems = check(work, args.max_epochs)
+        problems = check(work, args.max_epochs, server)
         kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))}
         if compare:
             regression = yaml.safe_load((work / "params.yaml").read_text()).get("report", {}).get("regression", {})
@@ -204,6 +238,10 @@ def main() -> int:
                 if path.is_file():
                     shutil.copy(path, args.report / path.name)
     finally:
+        if server:
+            server.stop()
+            if args.keep is None:
+                shutil.rmtree(server.root, ignore_errors=True)
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60

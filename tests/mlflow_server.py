@@ -90,6 +90,11 @@ class MlflowServer:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
+    def experiments(self) -> dict[str, str]:
+        """{name: id} of every active experiment."""
+        found = self.post("experiments/search", {"max_results": 1000})
+        return {e["name"]: e["experiment_id"] for e in found.get("experiments", [])}
+
     def experiment_id(self, name: str) -> str:
         return self.get("experiments/get-by-name", experiment_name=name)["experiment"]["experiment_id"]
 
