@@ -24,7 +24,7 @@ def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +55,7 @@ def sweep_partials(target: Path) -> list[Path]:
         return removed
     for path in siblings:
         pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             _remove(path)
             removed.append(path)
     if removed:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from stages.errors import PipelineError
 from stages.experiment_params import Experiment
+from stages.sources import SOURCES
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -140,7 +141,21 @@ class Params(_Strict):
                         f"experiments.{name}.data.{field}: {ref!r} names no entry of "
                         f"'{'datasets' if kind == 'prepared' else 'corruptions'}'{_suggest(stem, known[kind])}"
                     )
+            self._poolings_fit(name, experiment)
         return self
+
+    def _poolings_fit(self, name: str, experiment: Experiment) -> None:
+        """An autoencoder's poolings must divide the image side, where it is known before prepare."""
+        poolings = getattr(experiment.model, "poolings", 0)
+        kind, stem = experiment.data.input.split("/", 1)
+        dataset = self.corruptions[stem].dataset if kind == "corrupted" else stem
+        builtin = self.datasets[dataset].source.builtin
+        side = SOURCES[builtin].image_side if builtin else None
+        if side and side % 2 ** poolings:
+            raise ValueError(
+                f"experiments.{name}.model.poolings = {poolings}: {poolings} poolings need image sides "
+                f"divisible by {2 ** poolings}, but {experiment.data.input} images are {side}x{side}"
+            )
 
 
 KNOWN_SECTIONS = ("limits", "download", "datasets", "corruptions", "experiments", "report")
@@ -200,9 +215,13 @@ def _format(error: dict, raw: dict) -> str:
         return f"{PARAMS_FILE}: '{key}.kind' = {value!r}: expected one of {error['ctx']['expected_tags']}"
     if kind == "missing":
         return f"{PARAMS_FILE}: missing key '{key}'"
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections; its message names the keys
+        return f"{PARAMS_FILE}: {message}"
     value = _lookup(raw, loc)
-    where = f"'{key}'" if key else "top level"
-    return f"{PARAMS_FILE}: {where} = {value!r}: {error['msg']}"
+    if isinstance(value, dict):  # a check across one section's keys: not the whole section again
+        return f"{PARAMS_FILE}: '{key}': {message}"
+    return f"{PARAMS_FILE}: '{key}' = {value!r}: {message}"
 
 
 def parse(raw: Any) -> Params:

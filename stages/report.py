@@ -31,6 +31,7 @@ from stages.errors import PipelineError
 log = logging.getLogger("stages.report")
 
 PIPELINE_EXPERIMENT = "pipeline"
+PENDING = Path("checkpoints/.report-run.json")  # the open report run, for reaping it after a kill -9
 AE_IMAGES = ("reconstructions.png", "curves.png")
 CLF_IMAGES = ("confusion_matrix.png", "misclassified.png", "curves.png")
 
@@ -211,7 +212,10 @@ def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row
 
     tracking.connect_experiment(PIPELINE_EXPERIMENT)
     client = mlflow.tracking.MlflowClient()
+    pending = tracking.PendingRun(PENDING)
+    pending.reap()
     run = tracking.start_run(None, "report")
+    pending.hold(run.info.run_id)
     try:
         mlflow.set_tags({"stage": "report", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                          **tracking.git_state(), **{f"run.{name}": rid for name, rid in run_ids.items()}})
@@ -230,8 +234,10 @@ def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row
                 log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
                             tracking.describe_failure(exc))
         mlflow.end_run()
+        pending.release()
     except BaseException as exc:
         tracking.end_run_quietly("FAILED")
+        pending.release()
         if not isinstance(exc, Exception):
             raise
         raise tracking.TrackingError(f"report: MLflow store {tracking.tracking_label()} did not take the "

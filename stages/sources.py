@@ -29,6 +29,7 @@ class SourceSpec:
     mirror_dir: str
     files: tuple[RemoteFile, ...]
     class_names: tuple[str, ...] = ()
+    image_side: int | None = None  # every image is side x side pixels; None: not known before prepare
 
 
 def _idx_files(sha: dict[str, str]) -> tuple[RemoteFile, ...]:
@@ -56,6 +57,7 @@ SOURCES: dict[str, SourceSpec] = {
             "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         }),
         class_names=tuple(str(d) for d in range(10)),
+        image_side=28,
     ),
     "fashion_mnist": SourceSpec(
         name="fashion_mnist",
@@ -69,6 +71,7 @@ SOURCES: dict[str, SourceSpec] = {
             "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         }),
         class_names=FASHION_CLASSES,
+        image_side=28,
     ),
     "cifar10": SourceSpec(
         name="cifar10",
@@ -80,6 +83,7 @@ SOURCES: dict[str, SourceSpec] = {
             "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
         ),),
         class_names=CIFAR10_CLASSES,
+        image_side=32,
     ),
     # The public JPEG copy of CIFAR-10 (quality 75) as an image folder. It has no
     # official host: it is reached through a mirror.
@@ -92,6 +96,7 @@ SOURCES: dict[str, SourceSpec] = {
             "cifar10-jpeg.tar.gz",
             "7854ea059adc7729ab5267c5269ccc01e6eaeea6549d5f3c834c106bae86e8ee",
         ),),
+        image_side=32,
     ),
 }
 

@@ -244,17 +244,41 @@ def end_run_quietly(status: str) -> None:
         log.warning("MLflow run not marked %s: %s", status, describe_failure(exc))
 
 
-def abandon(run_id: str) -> None:
-    """Mark a run that an interrupted, now discarded training left RUNNING as KILLED."""
+def abandon(run_id: str, what: str = "an interrupted training with other params or data") -> None:
+    """Mark a run left RUNNING by a process that is gone, and that nobody will continue, as KILLED."""
     from mlflow.tracking import MlflowClient
 
     try:
         client = MlflowClient()
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
-            log.info("MLflow run %s of an interrupted training with other params or data marked KILLED", run_id)
+            log.info("MLflow run %s of %s stage marked KILLED", run_id, what)
     except Exception as exc:  # noqa: BLE001 - best effort: it may live in another store
-        log.info("MLflow run %s of an interrupted training not marked KILLED: %s", run_id, describe_failure(exc))
+        log.info("MLflow run %s of %s stage not marked KILLED: %s", run_id, what, describe_failure(exc))
+
+
+class PendingRun:
+    """A marker file naming the run a stage has open, so that a run whose
+    process was killed (and which nobody will continue) is marked KILLED by the
+    next run of the stage instead of staying RUNNING forever."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def reap(self) -> None:
+        try:
+            pending = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return
+        if not atomic.process_alive(int(pending.get("pid", 0))):
+            abandon(pending["run_id"], "a killed")
+            self.marker.unlink(missing_ok=True)
+
+    def hold(self, run_id: str) -> None:
+        atomic.write_text(self.marker, json.dumps({"run_id": run_id, "pid": os.getpid()}))
+
+    def release(self) -> None:
+        self.marker.unlink(missing_ok=True)
 
 
 class MetricLog:

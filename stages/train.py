@@ -71,11 +71,16 @@ def configure_backend(seed: int, mixed_precision: bool) -> None:
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_precision else "float32")
 
 
-def build(exp: Experiment, image_shape, num_classes: int) -> keras.Model:
-    if exp.task == "autoencoder":
-        model, _ = build_autoencoder(exp.model.spec(), image_shape)
-    else:
-        model = build_classifier(exp.model.spec(num_classes), image_shape)
+def build(name: str, exp: Experiment, image_shape, num_classes: int) -> keras.Model:
+    try:
+        if exp.task == "autoencoder":
+            model, _ = build_autoencoder(exp.model.spec(), image_shape)
+        else:
+            model = build_classifier(exp.model.spec(num_classes), image_shape)
+    except ValueError as exc:  # the model does not fit these images (sizes known only after prepare)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"experiments.{name}.model does not fit {exp.data.input}'s "
+                            f"{'x'.join(map(str, image_shape))} images: {first}") from None
     t = exp.training
     optimizer = keras.optimizers.get(t.optimizer)
     if t.learning_rate is not None:
@@ -240,7 +245,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         model = checkpoint.model(state)
         log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
     else:
-        model = build(exp, image_shape, len(data.class_names))
+        model = build(name, exp, image_shape, len(data.class_names))
         if state:
             log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
     log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s",

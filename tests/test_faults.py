@@ -1,6 +1,6 @@
 """Fault injection with real processes and real signals: ``kill -9`` of a whole
 ``dvc repro`` (DVC, the stage it runs and the stage's workers) during download,
-prepare, train and evaluate, then ``dvc repro`` again until it completes."""
+prepare, train, evaluate and report, then ``dvc repro`` again until it completes."""
 
 from __future__ import annotations
 
@@ -97,9 +97,16 @@ def test_kill_9_in_every_stage_then_repro_completes_and_nothing_is_lost_or_doubl
     assert f"resuming from checkpoint after epoch {killed_at} of {EPOCHS}" in repro.output
     assert not (project / "metrics/pets_cnn.json").exists()
 
-    # 5. again, to the end
+    # 5. report: its MLflow run is open
+    pending = project / "checkpoints/.report-run.json"
+    Repro(project).kill_when(pending.is_file)
+    killed_report = json.loads(pending.read_text())["run_id"]
+    assert not (project / "reports/summary.md").exists()
+
+    # 6. again, to the end
     last = Repro(project).finish()
-    assert "Running stage 'evaluate@pets_cnn'" in last and "Running stage 'train@pets_cnn'" not in last
+    assert "Running stage 'report'" in last and "Running stage 'train@pets_cnn'" not in last
+    assert f"MLflow run {killed_report} of a killed stage marked KILLED" in last
     status = run_dvc(project, "status")
     assert "Data and pipelines are up to date" in status.stdout, status.stdout  # every output verifies
     leftovers = [p for p in project.rglob("*.partial-*") if ".dvc" not in p.parts and ".git" not in p.parts]
@@ -109,15 +116,15 @@ def test_kill_9_in_every_stage_then_repro_completes_and_nothing_is_lost_or_doubl
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("pets_cnn", "FINISHED"),
-                                                                      ("report", "FINISHED")]
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("pets_cnn", "FINISHED"), ("report", "FINISHED"), ("report", "KILLED")]  # none RUNNING
     train_run = next(r for r in runs if r.info.run_name == "pets_cnn")
     steps = sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "loss"))
     assert steps == list(range(1, EPOCHS + 1))  # resumed, each epoch logged once
     assert "test_accuracy" in train_run.data.metrics
     assert json.loads((project / "metrics/pets_cnn.json").read_text())["epochs"] == EPOCHS
 
-    # 6. a prepared file damaged on disk afterwards: DVC sees it and restores it from its cache
+    # 7. a prepared file damaged on disk afterwards: DVC sees it and restores it from its cache
     prepared = project / "data/prepared/pets.npz"
     good = prepared.read_bytes()
     prepared.write_bytes(good[: len(good) // 2])

@@ -59,6 +59,42 @@ def test_bad_values_name_key_and_value(path, value, message):
     assert "\n" not in str(err.value)
 
 
+AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "prepared/mnist"},
+      "model": {"kind": "conv_autoencoder", "filters": [8, 8, 8], "poolings": 2},
+      "training": {"loss": "bce", "epochs": 1, "batch_size": 4}}
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("experiments.ae.model.poolings", 3,
+         "params.yaml: experiments.ae.model.poolings = 3: 3 poolings need image sides divisible by 8, "
+         "but corrupted/noisy images are 28x28"),
+        ("experiments.ae.training.epochs", 0, "'experiments.ae.training.epochs' = 0: Input should be greater than or equal to 1"),
+        ("experiments.ae.training.batch_size", -4, "'experiments.ae.training.batch_size' = -4"),
+        ("experiments.ae.model.kind", "vae", "'experiments.ae.model.kind' = 'vae': expected one of"),
+        ("experiments.ae.task", "classifier",
+         "params.yaml: 'experiments.ae': task 'classifier' does not match model kind 'conv_autoencoder'"),
+        ("experiments.ae.data.input", "prepared/mnsit",
+         "params.yaml: experiments.ae.data.input: 'prepared/mnsit' names no entry of 'datasets' (did you mean 'mnist'?)"),
+        ("experiments.ae.training.lerning_rate", 0.1,
+         "unknown key 'experiments.ae.training.lerning_rate' (did you mean 'learning_rate'?)"),
+    ],
+)
+def test_bad_experiment_values_name_key_and_value(path, value, message):
+    with pytest.raises(ParamsError) as err:
+        params.parse(_with(path, value, {**GOOD, "experiments": {"ae": AE}}))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
+def test_poolings_of_an_image_folder_are_checked_when_its_size_is_known():
+    raw = {"datasets": {"pets": {"source": {"path": "pets.tar.gz"}}},
+           "experiments": {"ae": {**AE, "data": {"input": "prepared/pets", "target": "prepared/pets"},
+                                  "model": {**AE["model"], "poolings": 3}}}}
+    assert params.parse(raw).experiments["ae"].model.poolings == 3  # the train stage checks it
+
+
 def test_unknown_names_suggest(tmp_path):
     loaded = params.parse(GOOD)
     with pytest.raises(ParamsError, match=r"no dataset 'datasets.mnsit' \(did you mean 'mnist'\?\)"):

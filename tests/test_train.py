@@ -294,3 +294,12 @@ def test_a_killed_run_whose_params_changed_is_marked_killed(lab, caplog):
     assert client.get_run(orphan).info.status == "KILLED"
     new = json.loads((lab / "models/ae/run.json").read_text())["run_id"]
     assert new != orphan and client.get_run(new).info.status == "FINISHED"
+
+
+def test_a_model_that_does_not_fit_the_images_is_refused_before_training(lab, caplog):
+    """Poolings that do not divide an image folder's size are known only once it is prepared."""
+    _params(lab, {"ae": {**AE, "model": {**AE["model"], "filters": [4, 4, 4, 4], "poolings": 4}}})
+    assert train_mod.main(["ae"]) == 1
+    assert ("experiments.ae.model does not fit prepared/toy's 8x8x1 images: 4 poolings need image sides "
+            "divisible by 16, got 8x8") in caplog.text
+    assert not (lab / "models").exists() and not (lab / "checkpoints").exists()
