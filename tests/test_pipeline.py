@@ -36,7 +36,8 @@ def dvc_project(tmp_path, pets_archive):
     return make_project(tmp_path / "proj", params), params
 
 
-def test_repro_then_noop_then_only_changed_stage(dvc_project):
+def test_repro_noop_forced_retrain_then_only_changed_stages(dvc_project):
+    """One project through the life of a pipeline (one test: each first repro costs a minute)."""
     dvc_project, params = dvc_project
     first = _run(dvc_project, "repro")
     assert _ran(first.stdout) == {"download@pets", "prepare@pets", "corrupt@pets_noisy", "corrupt@pets_rgb",
@@ -61,6 +62,8 @@ def test_repro_then_noop_then_only_changed_stage(dvc_project):
     assert "pets_dae" in summary and "pets_cnn" in summary
     assert "data:image/png;base64," in (dvc_project / "reports/index.html").read_text()
 
+    _forced_retrain_gives_the_same_metrics_and_runs_are_grouped(dvc_project)
+
     params["corruptions"]["pets_noisy"]["factor"] = 0.6
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _run(dvc_project, "repro")
@@ -75,33 +78,10 @@ def test_repro_then_noop_then_only_changed_stage(dvc_project):
     assert "up to date" in status.stdout
 
 
-def test_bad_archive_fails_repro_and_leaves_no_output(dvc_project, tmp_path):
-    dvc_project, params = dvc_project
-    archive = Path(params["datasets"]["pets"]["source"]["path"])
-    archive.write_bytes(archive.read_bytes()[:200])  # truncated: checksum no longer matches
-    result = _run(dvc_project, "repro", "download@pets", check=False)
-    assert result.returncode != 0
-    assert "checksum mismatch" in result.stderr + result.stdout
-    assert not (dvc_project / "data/raw/pets").exists()
-    assert not [p for p in (dvc_project / "data").rglob("*") if "partial" in p.name or ".tmp" in p.name]
-
-
-def test_bad_params_fail_before_work(dvc_project):
-    dvc_project, params = dvc_project
-    params["corruptions"]["pets_noisy"]["factr"] = 0.6
-    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = _run(dvc_project, "repro", "download@pets", check=False)
-    assert result.returncode != 0
-    assert "unknown key 'corruptions.pets_noisy.factr' (did you mean 'factor'?)" in result.stderr
-    assert not (dvc_project / "data/raw/pets").exists()
-
-
-def test_same_params_and_data_give_the_same_metrics_and_runs_are_grouped(dvc_project):
+def _forced_retrain_gives_the_same_metrics_and_runs_are_grouped(dvc_project):
     """Train again from scratch (forced) and compare: op determinism on, same backend."""
     from mlflow.tracking import MlflowClient
 
-    dvc_project, params = dvc_project
-    _run(dvc_project, "repro")
     before = {n: (dvc_project / f"metrics/{n}.json").read_text() for n in ("pets_dae", "pets_cnn")}
     first_runs = {n: json.loads((dvc_project / f"models/{n}/run.json").read_text())["run_id"] for n in before}
     _run(dvc_project, "repro", "--force", "--single-item", "train@pets_dae", "train@pets_cnn")
@@ -128,12 +108,34 @@ def test_same_params_and_data_give_the_same_metrics_and_runs_are_grouped(dvc_pro
         assert any(k.startswith("data_md5.data/") for k in child.data.tags)
 
 
-def test_queued_experiments_run_two_at_a_time_and_keep_their_mlflow_runs(dvc_project):
+def test_bad_archive_fails_repro_and_leaves_no_output(dvc_project, tmp_path):
+    dvc_project, params = dvc_project
+    archive = Path(params["datasets"]["pets"]["source"]["path"])
+    archive.write_bytes(archive.read_bytes()[:200])  # truncated: checksum no longer matches
+    result = _run(dvc_project, "repro", "download@pets", check=False)
+    assert result.returncode != 0
+    assert "checksum mismatch" in result.stderr + result.stdout
+    assert not (dvc_project / "data/raw/pets").exists()
+    assert not [p for p in (dvc_project / "data").rglob("*") if "partial" in p.name or ".tmp" in p.name]
+
+
+def test_bad_params_fail_before_work(dvc_project):
+    dvc_project, params = dvc_project
+    params["corruptions"]["pets_noisy"]["factr"] = 0.6
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = _run(dvc_project, "repro", "download@pets", check=False)
+    assert result.returncode != 0
+    assert "unknown key 'corruptions.pets_noisy.factr' (did you mean 'factor'?)" in result.stderr
+    assert not (dvc_project / "data/raw/pets").exists()
+
+
+def test_queued_experiments_run_two_at_a_time_and_keep_their_mlflow_runs(tmp_path, pets_archive):
     """dvc exp run --queue + dvc queue start -j 2: both finish, and their MLflow runs land in the
     project's own store although DVC runs them in temporary copies under .dvc/tmp/exps."""
     from mlflow.tracking import MlflowClient
 
-    dvc_project, params = dvc_project
+    source = {"path": str(pets_archive), "sha256": builders.sha256(pets_archive.read_bytes())}
+    dvc_project = make_project(tmp_path / "proj", pets_params(source, {"pets_cnn": PETS_CNN}))
     _run(dvc_project, "repro")
     git_commit(dvc_project, "baseline")
     for seed in (1, 2):
