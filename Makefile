@@ -24,7 +24,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
 smoke: setup
 	$(BIN)/python .ci/smoke.py

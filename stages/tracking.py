@@ -25,6 +25,8 @@ import platform
 import re
 import subprocess
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -232,6 +234,17 @@ def start_run(run_id: str | None, name: str):
                 f"{describe_failure(exc)}. Was it logged to another tracking URI?") from None
         raise TrackingError(f"MLflow store {tracking_label()}: cannot {'continue run ' + run_id if run_id else 'start a run'} "
                             f"for '{name}': {describe_failure(exc)}") from None
+
+
+@contextmanager
+def failures(what: str) -> Iterator[None]:
+    """Turn an MLflow failure inside the block into a one-line TrackingError."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a store that fails
+        raise TrackingError(f"{what}: MLflow store {tracking_label()} failed: {describe_failure(exc)}") from None
 
 
 def end_run_quietly(status: str) -> None:

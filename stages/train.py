@@ -128,7 +128,8 @@ class Checkpoint:
 
     def usable(self, state: dict | None) -> bool:
         """A state to resume from: same params and data, and not a finished run."""
-        return bool(state) and not state.get("complete") and state.get("fingerprint") == self.fingerprint
+        return (bool(state) and not state.get("complete") and state.get("fingerprint") == self.fingerprint
+                and (state.get("epoch") == 0 or "model" in state))  # an older layout is not resumed
 
     def model(self, state: dict) -> keras.Model:
         model = keras.models.load_model(self.folder / state["model"])
@@ -256,25 +257,30 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         tracking.abandon(stale_run)
     run = tracking.start_run(state["run_id"] if state else None, name)
     run_id = run.info.run_id
+    if state is None:
+        state = checkpoint.start(run_id)  # from here on a killed training continues this run
     try:
-        if state is None:
-            mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
-                               "train_samples": len(train_arrays), "val_samples": len(val_arrays)})
-            mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
-            state = checkpoint.start(run_id)
+        if not state.get("described"):
+            with tracking.failures(f"train {name}"):
+                mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
+                                   "train_samples": len(train_arrays), "val_samples": len(val_arrays)})
+                mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
+            state["described"] = True
+            checkpoint.update(described=True)
         history = state["history"]
         metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
 
         def on_epoch(epoch: int, logs: dict) -> None:
             # the checkpoint first: a store that does not answer never costs training
             checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
-                                    "logged": metrics_log.logged})
+                                    "logged": metrics_log.logged, "described": True})
             if metrics_log.flush(history, epoch + 1):
                 checkpoint.update(logged=metrics_log.logged)
 
         fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
         try:
             metrics_log.flush(history, epochs, required=True)
+            checkpoint.update(logged=metrics_log.logged)
             log_model(model, to_unit_float(train_arrays.x[:4]))
         except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
             raise tracking.TrackingError(

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -74,3 +75,21 @@ def git_commit(root: Path, message: str) -> None:
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", message], cwd=root, check=True)
+
+
+def wait_for_queue(root: Path, env: dict | None = None, timeout: float = 600) -> str:
+    """Poll ``dvc queue status`` until nothing is queued or running; return the last table.
+
+    A status call that fails is tried again: DVC can read a worker's info
+    file while the worker is writing it ("Expecting value: line 1 column 1").
+    """
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        result = run_dvc(root, "queue", "status", env=env, check=False)
+        if result.returncode == 0:
+            status = result.stdout
+            if not any(word in status for word in ("Queued", "Running")):
+                return status
+        time.sleep(2)
+    raise AssertionError(f"queue did not finish in {timeout} s:\n{status}")

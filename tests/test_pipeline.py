@@ -2,14 +2,13 @@
 download, prepare, corrupt, then train and evaluate two tiny experiments."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 import builders
-from dvc_helpers import git_commit, make_project, pets_params, ran as _ran, run_dvc as _run
+from dvc_helpers import git_commit, make_project, pets_params, ran as _ran, run_dvc as _run, wait_for_queue
 from stages.images import load
 
 PETS_DAE = {"task": "autoencoder", "data": {"input": "corrupted/pets_noisy", "target": "prepared/pets"},
@@ -143,14 +142,7 @@ def test_queued_experiments_run_two_at_a_time_and_keep_their_mlflow_runs(tmp_pat
              "-S", f"+experiments.pets_cnn.training.seed={seed}")  # + adds a key params.yaml leaves at its default
     _run(dvc_project, "queue", "start", "-j", "2")
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            status = _run(dvc_project, "queue", "status").stdout
-            if not any(word in status for word in ("Queued", "Running")):
-                break
-            time.sleep(3)
-        else:
-            raise AssertionError(f"queue did not finish:\n{status}")
+        status = wait_for_queue(dvc_project)
     finally:
         _run(dvc_project, "queue", "stop", check=False)
     assert status.count("Success") == 2, status

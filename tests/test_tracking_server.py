@@ -13,7 +13,7 @@ import time
 import pytest
 
 import builders
-from dvc_helpers import git_commit, make_project, pets_params, ran, run_dvc, dvc_env
+from dvc_helpers import dvc_env, git_commit, make_project, pets_params, ran, run_dvc, wait_for_queue
 from mlflow_server import MlflowServer, free_port, metrics, params, tags
 from stages import tracking
 from stages import train as train_mod
@@ -150,12 +150,7 @@ def test_pipeline_and_two_queued_experiments_over_http_with_credentials_kept_sec
                              "-S", f"+experiments.pets_cnn.training.seed={seed}", env=env)
             outputs.append(queued.stdout + queued.stderr)
         run_dvc(project, "queue", "start", "-j", "2", env=env)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            status = run_dvc(project, "queue", "status", env=env).stdout
-            if not any(word in status for word in ("Queued", "Running")):
-                break
-            time.sleep(2)
+        status = wait_for_queue(project, env)
         assert status.count("Success") == 2, status
         for name in ("seed1", "seed2"):
             log = run_dvc(project, "queue", "logs", name, env=env, check=False)
