@@ -194,7 +194,7 @@ def describe_failure(exc: BaseException) -> str:
                            ("database is locked", "database is locked")):
         if marker in text:
             tries = 1 + int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or 0)
-            return f"{reason}" + (f" ({tries} tries)" if "://" in tracking_label() else "")
+            return reason + (f" ({tries} tries)" if tracking_label().startswith(("http://", "https://")) else "")
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return redact_text(first)[:300]
 
@@ -232,8 +232,9 @@ def start_run(run_id: str | None, name: str):
             raise TrackingError(
                 f"MLflow run {run_id} for '{name}' cannot be continued in {tracking_label()}: "
                 f"{describe_failure(exc)}. Was it logged to another tracking URI?") from None
-        raise TrackingError(f"MLflow store {tracking_label()}: cannot {'continue run ' + run_id if run_id else 'start a run'} "
-                            f"for '{name}': {describe_failure(exc)}") from None
+        action = f"continue run {run_id}" if run_id else "start a run"
+        raise TrackingError(f"MLflow store {tracking_label()}: cannot {action} for '{name}': "
+                            f"{describe_failure(exc)}") from None
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Where MLflow runs go, and what ties them to git and DVC."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,38 @@ def test_flatten_and_params_hash():
     assert tracking.flatten(tree) == {"model.filters": json.dumps([16, 8]), "model.kind": "cae", "epochs": "10"}
     assert tracking.params_hash(tree) == tracking.params_hash(json.loads(json.dumps(tree)))
     assert tracking.params_hash(tree) != tracking.params_hash({**tree, "epochs": 11})
+
+
+def test_credentials_are_split_from_an_http_uri_only():
+    assert tracking.split_credentials("https://ann:p%40ss@mlflow.example:5000/base") == (
+        "https://mlflow.example:5000/base", "ann", "p@ss")
+    assert tracking.split_credentials("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None, None)
+    assert tracking.split_credentials("sqlite:///a/b.db") == ("sqlite:///a/b.db", None, None)
+
+
+def test_use_store_hands_credentials_to_mlflow_as_basic_auth(tmp_path, monkeypatch):
+    import mlflow
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", *tracking.HTTP_DEFAULTS):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:secret@127.0.0.1:9")
+    try:
+        assert tracking.use_store() == "http://127.0.0.1:9"
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ann" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "secret"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "6"  # bounded unless the user says otherwise
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_failures_are_described_in_one_line_without_credentials(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    refused = Exception("API request to http://127.0.0.1:9/api failed: Max retries exceeded "
+                        "(Caused by NewConnectionError(': Failed to establish a new connection: "
+                        "[Errno 111] Connection refused'))")
+    assert tracking.describe_failure(refused) == "connection refused (3 tries)"
+    other = Exception("Bad request to https://bob:hunter2@host/api\nsecond line")
+    assert tracking.describe_failure(other) == "Bad request to https://***@host/api"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    assert tracking.describe_failure(Exception("(sqlite3.OperationalError) database is locked")) == "database is locked"
