@@ -211,7 +211,7 @@ def main() -> int:
 
             server = MlflowServer(work.parent / f"{work.name}-mlflow-server").start()
             env["MLFLOW_TRACKING_URI"] = server.url
-            log.info("smoke: logging to a real mlflow server at %s", server.url)
+            log.info("logging to a real mlflow server at %s", server.url)
         compare = BASELINE.is_dir() and not args.update_baseline
         copy_tree(work, BASELINE if compare else None)
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
@@ -227,7 +227,7 @@ def main() -> int:
                 "## Smoke metrics against the baseline (`dvc metrics diff`)\n\n" + (diff_md or "No change.\n"))
             log.info("dvc metrics diff against the baseline:\n%s", diff_md or "no change")
         else:
-            log.warning("smoke: no regression check (%s)", "updating the baseline" if args.update_baseline
+            log.warning("no regression check (%s)", "updating the baseline" if args.update_baseline
                         else f"no baseline in {BASELINE}")
         if "ci-smoke" not in shown or "metrics/mnist_cae.json" not in shown:
             problems.append("dvc exp show does not list the ci-smoke experiment's metrics")
@@ -251,13 +251,13 @@ def main() -> int:
             path.unlink()
         for name, content in kept_metrics.items():
             (BASELINE / name).write_bytes(content)
-        log.info("smoke: baseline updated in %s", BASELINE)
+        log.info("baseline updated in %s", BASELINE)
     if problems:
         for problem in problems:
             log.error("%s", problem)
-        log.error("smoke: %d problem(s) after %.1f min", len(problems), minutes)
+        log.error("%d problem(s) after %.1f min", len(problems), minutes)
         return 1
-    log.info("smoke: every experiment trained, evaluated and reported in %.1f min", minutes)
+    log.info("every experiment trained, evaluated and reported in %.1f min", minutes)
     return 0
 
 
