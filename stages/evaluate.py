@@ -130,18 +130,11 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
         records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]
         tracking.connect(exp.task)
         tracking.start_run(ref["run_id"], name)
-        try:
+        with tracking.ending_run(f"evaluate {name}"):
             mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
             mlflow.log_artifacts(str(staging), "evaluation")
             mlflow.log_dict(summary, f"evaluation/{metrics_file.name}")
             mlflow.set_tag("evaluated_by", f"evaluate@{name}")
-            mlflow.end_run()
-        except BaseException as exc:
-            tracking.end_run_quietly("FAILED")
-            if not isinstance(exc, Exception):
-                raise
-            raise tracking.TrackingError(f"evaluate {name}: MLflow store {tracking.tracking_label()} did not "
-                                         f"take the results: {tracking.describe_failure(exc)}") from None
         atomic.write_text(metrics_file, json.dumps(summary, indent=2) + "\n")
         atomic.write_text(plots_file, json.dumps(records, indent=2) + "\n")
     log.info("evaluate %s: %s", name, {k: v for k, v in results.items() if not k.startswith("class_")})

@@ -202,10 +202,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _write(path: Path, text: str) -> None:
-    atomic.write_text(path, text)
-
-
 def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row]) -> str:
     """One MLflow run grouping the experiments' runs, with ``pages`` ({file name: text}); returns its id."""
     import mlflow
@@ -217,31 +213,25 @@ def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row
     run = tracking.start_run(None, "report")
     pending.hold(run.info.run_id)
     try:
-        mlflow.set_tags({"stage": "report", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                         **tracking.git_state(), **{f"run.{name}": rid for name, rid in run_ids.items()}})
-        for row in rows:
-            key = "psnr" if row.task == "autoencoder" else "accuracy"
-            if key in row.test:
-                mlflow.log_metric(f"{row.name}.test_{key}", row.test[key])
-        for file_name, text in pages.items():
-            mlflow.log_text(text, file_name)
-        for name, rid in run_ids.items():
-            try:
-                client.set_tag(rid, "pipeline_run_id", run.info.run_id)
-            except mlflow.exceptions.MlflowException as exc:
-                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
-                            tracking.describe_failure(exc))
-        mlflow.end_run()
+        with tracking.ending_run("report"):
+            mlflow.set_tags({"stage": "report", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                             **tracking.git_state(), **{f"run.{name}": rid for name, rid in run_ids.items()}})
+            for row in rows:
+                key = "psnr" if row.task == "autoencoder" else "accuracy"
+                if key in row.test:
+                    mlflow.log_metric(f"{row.name}.test_{key}", row.test[key])
+            for file_name, text in pages.items():
+                mlflow.log_text(text, file_name)
+            for name, rid in run_ids.items():
+                try:
+                    client.set_tag(rid, "pipeline_run_id", run.info.run_id)
+                except mlflow.exceptions.MlflowException as exc:
+                    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
+                                tracking.describe_failure(exc))
+    finally:
         pending.release()
-    except BaseException as exc:
-        tracking.end_run_quietly("FAILED")
-        pending.release()
-        if not isinstance(exc, Exception):
-            raise
-        raise tracking.TrackingError(f"report: MLflow store {tracking.tracking_label()} did not take the "
-                                     f"report: {tracking.describe_failure(exc)}") from None
     return run.info.run_id
 
 
@@ -261,7 +251,7 @@ def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, mode
         run_id = log_to_mlflow(pages, run_ids, rows)
         log.info("report: MLflow run %s in experiment '%s'", run_id, PIPELINE_EXPERIMENT)
     for file_name, text in pages.items():
-        _write(out_dir / file_name, text)
+        atomic.write_text(out_dir / file_name, text)
     log.info("report: %d experiments -> %s", len(rows), ", ".join(str(out_dir / f) for f in pages))
     return rows
 

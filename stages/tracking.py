@@ -248,6 +248,21 @@ def failures(what: str) -> Iterator[None]:
         raise TrackingError(f"{what}: MLflow store {tracking_label()} failed: {describe_failure(exc)}") from None
 
 
+@contextmanager
+def ending_run(what: str) -> Iterator[None]:
+    """The block logs into the active run; then the run ends FINISHED, or FAILED
+    (as far as the store answers) with any MLflow failure as a one-line TrackingError."""
+    import mlflow
+
+    try:
+        with failures(what):
+            yield
+            mlflow.end_run()
+    except BaseException:
+        end_run_quietly("FAILED")
+        raise
+
+
 def end_run_quietly(status: str) -> None:
     """End the active run as ``status`` if the store answers; a failure is only logged."""
     import mlflow
