@@ -40,6 +40,9 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 class ArchiveError(PipelineError):
     """An archive or compressed file is corrupt, truncated or unsafe."""
 
+    next_step = ("fetch the file again (dvc repro -f download@<dataset>); if it comes from your own source, "
+                 "repack it as a plain .tar.gz, .tar or .zip of regular files")
+
 
 def is_archive(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)

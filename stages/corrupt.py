@@ -64,8 +64,9 @@ def main(argv=None) -> int:
             log.info("corrupt %s: %s = %s", args.name, key, value)
         save(out, result)
         log.info("corrupt %s: wrote %s, images %s", args.name, out, result.image_shape)
+        return [out]
 
-    return cli.run("corrupt", __doc__.splitlines()[0], body, configure, argv)
+    return cli.run("corrupt", __doc__, body, configure, argv)
 
 
 if __name__ == "__main__":

@@ -152,9 +152,11 @@ def main(argv=None) -> int:
 
     def body(args):
         params = params_mod.load(args.params)
-        download(args.dataset, args.out or Path("data/raw") / args.dataset, params)
+        out = args.out or Path("data/raw") / args.dataset
+        download(args.dataset, out, params)
+        return [out]
 
-    return cli.run("download", __doc__.splitlines()[0], body, configure, argv)
+    return cli.run("download", __doc__, body, configure, argv)
 
 
 if __name__ == "__main__":

@@ -7,4 +7,10 @@ class PipelineError(Exception):
     Messages name the file, URL, key or value at fault and, where there is one,
     what to do next. Anything else that escapes a stage is a bug and keeps its
     traceback.
+
+    ``next_step`` is what to do about the whole kind of problem; the stage's
+    error output gives it on a second line unless the message already ends
+    with its own advice.
     """
+
+    next_step: str = ""

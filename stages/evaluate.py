@@ -151,11 +151,12 @@ def main(argv=None) -> int:
 
     def body(args):
         name = args.experiment
-        evaluate(name, params_mod.load(args.params), args.model or Path("models") / name,
-                 args.metrics or Path("metrics") / f"{name}.json", args.reports or Path("reports") / name,
-                 args.plots or Path("plots") / f"{name}.json")
+        outputs = [args.metrics or Path("metrics") / f"{name}.json", args.reports or Path("reports") / name,
+                   args.plots or Path("plots") / f"{name}.json"]
+        evaluate(name, params_mod.load(args.params), args.model or Path("models") / name, *outputs)
+        return outputs
 
-    return cli.run("evaluate", __doc__.splitlines()[0], body, configure, argv)
+    return cli.run("evaluate", __doc__, body, configure, argv)
 
 
 if __name__ == "__main__":

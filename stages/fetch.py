@@ -19,9 +19,9 @@ from pathlib import Path
 
 import requests
 import tenacity
-from tqdm import tqdm
 
 from stages import atomic
+from stages.progress import Progress
 from stages.archives import gunzip
 from stages.errors import PipelineError
 
@@ -34,9 +34,15 @@ SCHEMES = ("http", "https", "file")
 class FetchError(PipelineError):
     """A file could not be fetched: not found, unreachable, or refused."""
 
+    next_step = ("check the URL or path in params.yaml, DATA_MIRROR and the network, then run dvc repro again "
+                 "(verified files are kept in download.cache_dir)")
+
 
 class ChecksumError(PipelineError):
     """A fetched file does not match its pinned checksum."""
+
+    next_step = ("fetch it again; if the new file is the one you want, update its sha256 in params.yaml "
+                 "(the message gives both digests)")
 
 
 class _Transient(Exception):
@@ -115,9 +121,7 @@ def _http_get(url: str, tmp: Path, transport: Transport, desc: str) -> None:
                 raise FetchError(f"{shown}: refused (HTTP {response.status_code})")
             total = int(response.headers.get("Content-Length") or 0) or None
             written = 0
-            with open(tmp, "wb") as handle, tqdm(
-                total=total, unit="B", unit_scale=True, desc=desc, disable=None, leave=False
-            ) as bar:
+            with open(tmp, "wb") as handle, Progress(desc, total) as bar:
                 # Raw bytes as sent: a .gz served with Content-Encoding: gzip stays compressed.
                 for chunk in response.raw.stream(CHUNK, decode_content=False):
                     handle.write(chunk)
@@ -134,9 +138,7 @@ def _http_get(url: str, tmp: Path, transport: Transport, desc: str) -> None:
 def _copy_local(path: Path, tmp: Path, shown: str, desc: str) -> None:
     if not path.is_file():
         raise FetchError(f"{shown}: not found")
-    with open(path, "rb") as src, open(tmp, "wb") as dst, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=None, leave=False
-    ) as bar:
+    with open(path, "rb") as src, open(tmp, "wb") as dst, Progress(desc, path.stat().st_size) as bar:
         while chunk := src.read(CHUNK):
             dst.write(chunk)
             bar.update(len(chunk))

@@ -25,6 +25,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 class FormatError(PipelineError):
     """A raw file does not hold what its format promises."""
 
+    next_step = ("check datasets.<name>.source in params.yaml against the file, or fetch it again "
+                 "(dvc repro -f download@<dataset>)")
+
 
 # --- IDX -------------------------------------------------------------------
 

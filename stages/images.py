@@ -32,6 +32,8 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)
 class DatasetFileError(PipelineError):
     """A dataset file is missing, unreadable or inconsistent."""
 
+    next_step = "rebuild it with dvc repro (or dvc pull, where a DVC remote holds it)"
+
 
 def to_unit_float(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1]. The single scaling used everywhere."""

@@ -27,6 +27,9 @@ BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar10_jpeg")
 class ParamsError(PipelineError):
     """params.yaml is missing, unreadable or invalid."""
 
+    next_step = ("fix the key named above in params.yaml (or in dvc exp run -S); the README's params section "
+                 "lists every key")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

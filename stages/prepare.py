@@ -17,7 +17,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from tqdm import tqdm
 
 from stages import cli, params as params_mod
 from stages.archives import gunzip, members
@@ -25,6 +24,7 @@ from stages.download import MANIFEST
 from stages.fetch import check_sha256
 from stages.formats import IMAGE_SUFFIXES, FormatError, cifar_batch, decode_image, idx_split, parse_idx
 from stages.images import DatasetFile, Split, save
+from stages.progress import Progress
 from stages.sources import IDX_SPLITS, SOURCES
 
 log = logging.getLogger("stages.prepare")
@@ -129,9 +129,8 @@ def read_image_folder(archive: Path, workers: int | None = None) -> tuple[dict[s
     pending_names: list[str] = []
     pending_blobs: list[bytes] = []
     skipped = 0
-    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(
-        unit="img", desc="decode", disable=None, leave=False
-    ) as bar:
+    with ProcessPoolExecutor(max_workers=workers) as pool, \
+            Progress(f"decode {archive.name}", unit="images") as bar:
         def submit() -> None:
             chunks.append(pool.submit(_decode_chunk, pending_names.copy(), pending_blobs.copy()))
             chunks[-1].add_done_callback(lambda f, n=len(pending_names): bar.update(n))
@@ -244,8 +243,9 @@ def main(argv=None) -> int:
         log.info("prepare %s: %s images %s, %d classes, train label histogram %s -> %s",
                  args.dataset, data.meta["counts"], data.image_shape, len(data.class_names),
                  histogram.tolist(), out)
+        return [out]
 
-    return cli.run("prepare", __doc__.splitlines()[0], body, configure, argv)
+    return cli.run("prepare", __doc__, body, configure, argv)
 
 
 if __name__ == "__main__":

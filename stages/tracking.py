@@ -44,6 +44,9 @@ EXPERIMENTS = {"autoencoder": "autoencoders", "classifier": "classifiers"}
 class TrackingError(PipelineError):
     """The MLflow store cannot be reached or used."""
 
+    next_step = ("check MLFLOW_TRACKING_URI (unset: the project's mlflow.db) and that the store answers, then "
+                 "run the stage again: finished epochs are kept in checkpoints/")
+
 
 def project_root(cwd: Path | None = None) -> Path:
     """The project a stage runs for: the working directory, or, inside a DVC

@@ -309,10 +309,11 @@ def main(argv=None) -> int:
 
     def body(args):
         params = params_mod.load(args.params)
-        train(args.experiment, params, args.out or Path("models") / args.experiment,
-              args.checkpoints or Path("checkpoints") / args.experiment)
+        out = args.out or Path("models") / args.experiment
+        train(args.experiment, params, out, args.checkpoints or Path("checkpoints") / args.experiment)
+        return [out]
 
-    return cli.run("train", __doc__.splitlines()[0], body, configure, argv)
+    return cli.run("train", __doc__, body, configure, argv)
 
 
 if __name__ == "__main__":
