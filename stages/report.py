@@ -10,7 +10,14 @@ target: autoencoders are ranked within such a group by test PSNR (the mean of
 per-image PSNR), beside the PCA baseline at the same latent size, and
 classifiers by test accuracy; the best of each group of two or more is marked.
 
-Both files are logged to one MLflow run in the experiment ``pipeline``, which
+It also writes the data of the DVC plots that ``dvc.yaml`` declares beside
+each experiment's loss curves (``plots/<experiment>.json``, from evaluate):
+``plots/accuracy/<experiment>.json`` (per-epoch accuracy, for the experiments
+that track one) and ``plots/confusion/<experiment>.csv`` (one ``actual,
+predicted`` row per test image of a classifier, for DVC's ``confusion``
+template), so ``dvc plots show`` and ``dvc plots diff`` draw them.
+
+Both pages are logged to one MLflow run in the experiment ``pipeline``, which
 groups the experiments' runs: it is tagged ``run.<experiment>`` with each
 run id, and each experiment run is tagged ``pipeline_run_id`` with its id.
 """
@@ -18,7 +25,9 @@ run id, and each experiment run is tagged ``pipeline_run_id`` with its id.
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
 import logging
 import os
@@ -235,24 +244,77 @@ def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row
     return run.info.run_id
 
 
+def accuracy_records(history: dict[str, list[float]]) -> list[dict] | None:
+    """Per-epoch accuracy records ({epoch, accuracy[, val_accuracy]}), or None
+    when the history has no accuracy."""
+    if "accuracy" not in history:
+        return None
+    keys = [k for k in ("accuracy", "val_accuracy") if k in history]
+    return [{"epoch": i + 1, **{k: history[k][i] for k in keys}} for i in range(len(history["accuracy"]))]
+
+
+def confusion_csv(class_names: list[str], matrix: list[list[int]]) -> str:
+    """A confusion matrix as the rows DVC's confusion template counts: one
+    ``actual,predicted`` line per test image (rows of the matrix: actual)."""
+    if len(matrix) != len(class_names) or any(len(row) != len(class_names) for row in matrix):
+        raise ValueError(f"a {len(class_names)}-class confusion matrix must be "
+                         f"{len(class_names)}x{len(class_names)}")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    for actual, row in zip(class_names, matrix):
+        for predicted, count in zip(class_names, row):
+            writer.writerows([(actual, predicted)] * int(count))
+    return out.getvalue()
+
+
+def dvc_plots(experiments: dict, reports_dir: Path, models_dir: Path) -> dict[str, dict[str, str]]:
+    """{folder: {file name: text}} of the DVC plots data: accuracy curves and confusion rows."""
+    folders: dict[str, dict[str, str]] = {"accuracy": {}, "confusion": {}}
+    for name, exp in experiments.items():
+        history = _read_json(models_dir / name / "history.json", f"train@{name}")
+        records = accuracy_records(history)
+        if records is not None:
+            folders["accuracy"][f"{name}.json"] = json.dumps(records, indent=2) + "\n"
+        if exp.task == "classifier":
+            confusion = _read_json(reports_dir / name / "confusion.json", f"evaluate@{name}")
+            try:
+                folders["confusion"][f"{name}.csv"] = confusion_csv(confusion["class_names"],
+                                                                    confusion["confusion_matrix"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PipelineError(f"{reports_dir / name / 'confusion.json'}: not a confusion matrix "
+                                    f"({exc}); run evaluate@{name} again") from None
+    return folders
+
+
+def write_folder(target: Path, files: dict[str, str]) -> None:
+    """Replace the folder ``target`` with exactly ``files``, all at once."""
+    with atomic.replacing(target, directory=True) as staging:
+        for file_name, text in files.items():
+            (staging / file_name).write_text(text, encoding="utf-8")
+
+
 def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, models_dir: Path,
-           out_dir: Path, log_mlflow: bool = True) -> list[Row]:
+           out_dir: Path, log_mlflow: bool = True, plots_dir: Path | None = None) -> list[Row]:
     experiments = params.experiments
     if not experiments:
         raise PipelineError("params.yaml: 'experiments' is empty; nothing to report")
+    log.info("report: %d experiments from %s/, %s/ and %s/", len(experiments), metrics_dir, models_dir, reports_dir)
     metrics = {name: _read_json(metrics_dir / f"{name}.json", f"evaluate@{name}") for name in experiments}
     rows = build_rows(experiments, metrics)
     for row in rows:
         wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
         row.images = {p.stem: p for p in (reports_dir / row.name / f for f in wanted) if p.is_file()}
     pages = {"summary.md": render_markdown(rows), "index.html": render_html(rows)}
+    plot_data = dvc_plots(experiments, reports_dir, models_dir) if plots_dir else {}
     if log_mlflow:  # first, so that a store that fails leaves no report behind
         run_ids = {name: tracking.load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
         run_id = log_to_mlflow(pages, run_ids, rows)
         log.info("report: MLflow run %s in experiment '%s'", run_id, PIPELINE_EXPERIMENT)
     for file_name, text in pages.items():
         atomic.write_text(out_dir / file_name, text)
-    log.info("report: %d experiments -> %s", len(rows), ", ".join(str(out_dir / f) for f in pages))
+    for folder, files in plot_data.items():
+        write_folder(plots_dir / folder, files)
     return rows
 
 
@@ -262,13 +324,16 @@ def main(argv=None) -> int:
         parser.add_argument("--reports", type=Path, default=Path("reports"), help="per-experiment images")
         parser.add_argument("--models", type=Path, default=Path("models"), help="train outputs (run ids)")
         parser.add_argument("--out", type=Path, default=Path("reports"), help="where summary.md and index.html go")
+        parser.add_argument("--plots", type=Path, default=Path("plots"),
+                            help="where the DVC plots data go (accuracy/, confusion/)")
         parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
 
     def body(args):
         report(params_mod.load(args.params), args.metrics, args.reports, args.models, args.out,
-               log_mlflow=not args.no_mlflow)
+               log_mlflow=not args.no_mlflow, plots_dir=args.plots)
+        return [args.out / "index.html", args.out / "summary.md", args.plots / "accuracy", args.plots / "confusion"]
 
-    return cli.run("report", __doc__.splitlines()[0], body, configure, argv)
+    return cli.run("report", __doc__, body, configure, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ PETS_DAE = {"task": "autoencoder", "data": {"input": "corrupted/pets_noisy", "ta
             "training": {"loss": "bce", "epochs": 1, "batch_size": 4}}
 PETS_CNN = {"task": "classifier", "data": {"input": "prepared/pets", "target": "prepared/pets"},
             "model": {"kind": "cnn", "conv": [{"filters": 4}], "dense": [8]},
-            "training": {"loss": "sparse_categorical_crossentropy", "epochs": 1, "batch_size": 4}}
+            "training": {"loss": "sparse_categorical_crossentropy", "epochs": 1, "batch_size": 4,
+                         "metrics": ["accuracy"]}}
 
 
 @pytest.fixture
@@ -60,6 +61,7 @@ def test_repro_noop_forced_retrain_then_only_changed_stages(dvc_project):
     summary = (dvc_project / "reports/summary.md").read_text()
     assert "pets_dae" in summary and "pets_cnn" in summary
     assert "data:image/png;base64," in (dvc_project / "reports/index.html").read_text()
+    _dvc_plots_draw_loss_accuracy_and_confusion(dvc_project)
 
     _forced_retrain_gives_the_same_metrics_and_runs_are_grouped(dvc_project)
 
@@ -75,6 +77,30 @@ def test_repro_noop_forced_retrain_then_only_changed_stages(dvc_project):
 
     status = _run(dvc_project, "status")
     assert "up to date" in status.stdout
+
+
+def _dvc_plots_draw_loss_accuracy_and_confusion(dvc_project):
+    """``dvc plots show`` with the templates dvc.yaml declares: loss curves for
+    both experiments, accuracy and a confusion matrix for the classifier, whose
+    cells count the test images (8)."""
+    shown = json.loads(_run(dvc_project, "plots", "show", "--json").stdout)
+    assert not shown.get("errors"), shown["errors"]
+    plots = {path: entries[0]["content"] for path, entries in shown["data"].items()}
+    assert set(plots) == {"plots/pets_dae.json", "plots/pets_cnn.json", "plots/accuracy/pets_cnn.json",
+                          "plots/confusion/pets_cnn.csv"}
+    for name in ("pets_dae", "pets_cnn"):
+        values = plots[f"plots/{name}.json"]["data"]["values"]
+        assert {v["field"] for v in values} == {"loss", "val_loss"} and {v["epoch"] for v in values} == {1}
+    accuracy = plots["plots/accuracy/pets_cnn.json"]["data"]["values"]
+    assert {v["field"] for v in accuracy} == {"accuracy", "val_accuracy"}
+    confusion = plots["plots/confusion/pets_cnn.csv"]
+    assert confusion["title"]["text"] == "Confusion matrix (test split)"
+    cells = confusion["data"]["values"]
+    assert len(cells) == 8 and {c["actual"] for c in cells} <= {"cat", "dog"}
+    matrix = json.loads((dvc_project / "reports/pets_cnn/confusion.json").read_text())["confusion_matrix"]
+    assert sum(c["actual"] == c["predicted"] for c in cells) == matrix[0][0] + matrix[1][1]
+    _run(dvc_project, "plots", "show", "-o", "dvc_plots")
+    assert (dvc_project / "dvc_plots/index.html").read_text().count("vega") > 4
 
 
 def _forced_retrain_gives_the_same_metrics_and_runs_are_grouped(dvc_project):
@@ -150,6 +176,11 @@ def test_queued_experiments_run_two_at_a_time_and_keep_their_mlflow_runs(tmp_pat
     shown = json.loads(_run(dvc_project, "exp", "show", "--json").stdout)
     names = {exp.get("name") for commit in shown for exp in commit.get("experiments") or []}
     assert {"seed1", "seed2"} <= names, names
+    diff = json.loads(_run(dvc_project, "plots", "diff", "seed1", "seed2", "--json").stdout)
+    assert not diff.get("errors"), diff["errors"]
+    confusion = diff["data"]["plots/confusion/pets_cnn.csv"][0]
+    assert sorted(confusion["revisions"]) == ["seed1", "seed2"]
+    assert {v["rev"] for v in confusion["content"]["data"]["values"]} == {"seed1", "seed2"}
 
     client = MlflowClient(f"sqlite:///{dvc_project / 'mlflow.db'}")
     classifiers = client.get_experiment_by_name("classifiers")
