@@ -10,7 +10,12 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test smoke bench
+# The UI tests drive a real Chromium: Debian's package, installed here when
+# missing (CHROMIUM=/path/to/chrome uses another and skips the install).
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup browser repro test smoke bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +25,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+browser:
+ifeq ($(strip $(CHROMIUM)),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
+endif
+
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
-smoke: setup
+smoke: setup browser
 	$(BIN)/python .ci/smoke.py
 
 bench: setup

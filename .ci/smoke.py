@@ -10,7 +10,11 @@ finished, and ``dvc exp show`` lists the metrics. The user's workspace is
 never touched. By default the stages log to a real ``mlflow server`` started
 on 127.0.0.1 for the run (SQLite backend, artifacts served by it), and the
 runs and artifacts are read back through its REST API; ``--tracking sqlite``
-uses the project's embedded store instead.
+uses the project's embedded store instead. Then a headless Chromium opens the
+MLflow UI over that server (experiments, runs, a run's metrics, curves and
+reconstruction grid, the compare view) and the HTML report, and checks that
+they show what the store holds (``tests/ui_check.py``); ``--screenshots DIR``
+keeps what it saw (the README's pictures come from there).
 
 Regressions: ``.ci/smoke-baseline/`` holds the metrics of a smoke run of
 main (refresh it with ``--update-baseline``). They are committed in the copy
@@ -168,6 +172,31 @@ def check_server(server, names: set[str]) -> list[str]:
     return problems
 
 
+def check_ui(server, project: Path, experiments: dict, shots: Path | None) -> list[str]:
+    """What users look at, in a real headless Chromium (tests/ui_check.py): the
+    MLflow UI over the smoke's store (when it has a server) and the report."""
+    import ui_check
+    from stages.tracking import EXPERIMENTS
+
+    started = time.perf_counter()
+    expected = {}
+    for name, exp in experiments.items():
+        expected.setdefault(EXPERIMENTS[exp["task"]], []).append(name)
+    autoencoders = expected.get("autoencoders", [])
+    focus = ("autoencoders", "mnist_cae" if "mnist_cae" in autoencoders else autoencoders[0])
+    if ui_check.chromium_path() is None:
+        return ["UI: no Chromium to check the MLflow UI and the report with (make smoke installs Debian's "
+                "chromium; CHROMIUM names another)"]
+    with ui_check.browser(shots, server.url if server else None) as visit:
+        if server:
+            ui_check.check_mlflow_ui(visit, server, {**expected, "pipeline": ["report"]}, focus)
+        ui_check.check_report(visit, project / "reports" / "index.html", list(experiments))
+    log.info("UI: %s checked in Chromium in %.0f s, %d problem(s)%s",
+             "MLflow UI and report" if server else "report", time.perf_counter() - started, len(visit.problems),
+             f", screenshots in {shots}" if shots else "")
+    return visit.problems
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,6 +210,8 @@ def main() -> int:
     parser.add_argument("--tracking", choices=["server", "sqlite"], default="server",
                         help="log to a real mlflow server started on 127.0.0.1 (default), or to the project's "
                              "SQLite file")
+    parser.add_argument("--screenshots", type=Path,
+                        help="save the browser check's screenshots (MLflow UI, report) into this folder")
     parser.add_argument("--official", action="store_true",
                         help="download from the official hosts (no mirror); CIFAR-10 from cifar-10-python.tar.gz")
     args = parser.parse_args()
@@ -205,8 +236,8 @@ def main() -> int:
     started = time.perf_counter()
     server = None
     try:
+        sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
         if args.tracking == "server":  # a real server over HTTP: SQLite backend, artifacts served by it
-            sys.path.insert(0, str(ROOT / "tests"))
             from mlflow_server import MlflowServer
 
             server = MlflowServer(work.parent / f"{work.name}-mlflow-server").start()
@@ -217,6 +248,8 @@ def main() -> int:
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout
         problems = check(work, args.max_epochs, server)
+        experiments = yaml.safe_load((work / "params.yaml").read_text())["experiments"]
+        problems += check_ui(server, work, experiments, args.screenshots and args.screenshots.resolve())
         kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))}
         if compare:
             regression = yaml.safe_load((work / "params.yaml").read_text()).get("report", {}).get("regression", {})

@@ -1,0 +1,75 @@
+"""What users look at, in a real headless Chromium: the MLflow UI served by a
+real ``mlflow server`` over a store that ``dvc repro`` filled, and the
+pipeline's HTML report (checks in ``tests/ui_check.py``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import builders
+import ui_check
+from dvc_helpers import dvc_env, make_project, pets_params, run_dvc
+from mlflow_server import MlflowServer
+from test_pipeline import PETS_CNN, PETS_DAE
+
+if ui_check.chromium_path() is None and not os.environ.get("CI"):
+    pytest.skip("no Chromium here (make test installs Debian's chromium; CHROMIUM names another)",
+                allow_module_level=True)
+
+PETS_AE = {**PETS_DAE, "data": {"input": "prepared/pets", "target": "prepared/pets"}}
+
+
+def _filled_project(tmp_path, server: MlflowServer):
+    """A toy project whose ``dvc repro`` logs two autoencoders, a classifier
+    and the report run into ``server``."""
+    folder = tmp_path / "pets"
+    builders.image_folder(folder, classes=("cat", "dog"), per_class=4, mode="L")
+    archive = builders.tar_gz(folder, tmp_path / "pets.tar.gz")
+    source = {"path": str(archive), "sha256": builders.sha256(archive.read_bytes())}
+    corruptions = {"pets_noisy": {"dataset": "pets", "kind": "gaussian", "factor": 0.3, "seed": 0}}
+    experiments = {"pets_dae": PETS_DAE, "pets_ae": PETS_AE, "pets_cnn": PETS_CNN}
+    project = make_project(tmp_path / "proj", pets_params(source, experiments, corruptions))
+    run_dvc(project, "repro", env=dvc_env(server.url))
+    return project
+
+
+def test_mlflow_ui_and_report_show_what_the_pipeline_logged(tmp_path, monkeypatch):
+    """One store filled by ``dvc repro`` (built once: the repro is most of the
+    time). The MLflow UI: experiments list, runs list, a run's metrics (values
+    as the store has them), its curves, its reconstruction grid as served, and
+    the compare view; the report page: table and images. Then the check fails
+    where the page does not show what it expects."""
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        project = _filled_project(tmp_path, server)
+        shots = tmp_path / "shots"
+        with ui_check.browser(shots, server.url) as visit:
+            problems = ui_check.check_mlflow_ui(
+                visit, server, {"autoencoders": ["pets_dae", "pets_ae"], "classifiers": ["pets_cnn"],
+                                "pipeline": ["report"]},
+                focus=("autoencoders", "pets_dae"))
+            problems += ui_check.check_report(visit, project / "reports/index.html",
+                                              ["pets_dae", "pets_ae", "pets_cnn"])
+            assert problems == []
+
+            monkeypatch.setattr(ui_check, "WAIT_MS", 5_000)
+            visit.open(server.url + "/#/experiments")
+            assert not visit.wait_for_text("autoencoders", "no_such_experiment", what="experiments list")
+            assert visit.problems[-1].startswith("experiments list: 'no_such_experiment' not on the page")
+    finally:
+        server.stop()
+    names = sorted(p.name for p in shots.iterdir())
+    assert names == ["mlflow-artifact.png", "mlflow-charts.png", "mlflow-compare.png", "mlflow-experiments.png",
+                     "mlflow-run.png", "mlflow-runs.png", "report.png"]
+    assert all(ui_check.png_size((shots / n).read_bytes()) == (1400, 900) for n in names)
+
+
+def test_report_check_fails_on_a_broken_image(tmp_path):
+    page = tmp_path / "index.html"
+    page.write_text("<table><tr><td>pets_dae</td></tr></table><img src='missing.png'>")
+    with ui_check.browser(None) as visit:
+        problems = ui_check.check_report(visit, page, ["pets_dae", "pets_cnn"])
+    assert any("no table row for pets_cnn" in p for p in problems)
+    assert any("1 of 1 images did not load" in p for p in problems)
