@@ -68,10 +68,11 @@ def run(
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}", description=description.strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=textwrap.fill(f"DVC runs it as the {stage} stage(s) of dvc.yaml (dvc repro, dvc exp run). It reads its own "
-               "section of params.yaml, logs a line when it starts and one when it ends (LOG_LEVEL=DEBUG for "
-               "more), and on bad input exits 1 with a message naming the file, key or value at fault and "
-               "what to do.", 79))
+        epilog=textwrap.fill(
+            f"DVC runs it as the {stage} stage(s) of dvc.yaml (dvc repro, dvc exp run). It reads its own "
+            "section of params.yaml, logs a line when it starts and one when it ends (LOG_LEVEL=DEBUG for "
+            "more), and on bad input exits 1 with a message naming the file, key or value at fault and "
+            "what to do.", 79))
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     configure(parser)
     args = parser.parse_args(argv)

@@ -38,6 +38,8 @@ class Training(_Strict):
     mixed_precision: bool = False  # bf16 compute, float32 variables
     jit_compile: bool | Literal["auto"] = "auto"  # XLA
     steps_per_execution: Positive = 1
+    # data_parallel: one replica per visible device (GPUs, else CPUs), batch_size the global batch
+    distribution: Literal["none", "data_parallel"] = "none"
 
 
 class ConvAutoencoder(_Strict):

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages import atomic, cli, params as params_mod, tracking  # noqa: E402
+from stages import atomic, cli, distribution, params as params_mod, tracking  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
@@ -228,74 +228,77 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     train_arrays, val_arrays = data.training()
     epochs = epochs_for(exp, params.limits)
     image_shape = tuple(train_arrays.x.shape[1:])
-    configure_backend(exp.training.seed, exp.training.mixed_precision)
-    inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
-    config = exp.model_dump(mode="json")
-    fingerprint = tracking.params_hash({"config": config, "epochs": epochs,
-                                        "data": tracking.data_hashes(inputs), "samples": len(train_arrays)})
-    checkpoint = Checkpoint(checkpoints, fingerprint)
-    state = checkpoint.read()
-    stale_run = None
-    if not checkpoint.usable(state):
-        if state and not state.get("complete"):
-            log.info("checkpoint in %s is for other params or data; starting afresh", checkpoints)
-            stale_run = state.get("run_id")
-        checkpoint.clear()
-        state = None
-    if state and state["epoch"] > 0:
-        model = checkpoint.model(state)
-        log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
-    else:
-        model = build(name, exp, image_shape, len(data.class_names))
-        if state:
-            log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
-    log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s",
-             name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
-             epochs, exp.training.batch_size, keras.backend.backend())
-    experiment_id = tracking.connect(exp.task)
-    if stale_run:
-        tracking.abandon(stale_run)
-    run = tracking.start_run(state["run_id"] if state else None, name)
-    run_id = run.info.run_id
-    if state is None:
-        state = checkpoint.start(run_id)  # from here on a killed training continues this run
-    try:
-        if not state.get("described"):
-            with tracking.failures(f"train {name}"):
-                mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
-                                   "train_samples": len(train_arrays), "val_samples": len(val_arrays)})
-                mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
-            state["described"] = True
-            checkpoint.update(described=True)
-        history = state["history"]
-        metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
-
-        def on_epoch(epoch: int, logs: dict) -> None:
-            # the checkpoint first: a store that does not answer never costs training
-            checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
-                                    "logged": metrics_log.logged, "described": True})
-            if metrics_log.flush(history, epoch + 1):
-                checkpoint.update(logged=metrics_log.logged)
-
-        fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
+    where = f"experiments.{name}.training"
+    with distribution.setup(exp.training.distribution, exp.training.batch_size, where) as replicas:
+        configure_backend(exp.training.seed, exp.training.mixed_precision)
+        inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
+        config = exp.model_dump(mode="json")
+        fingerprint = tracking.params_hash({"config": config, "epochs": epochs,
+                                            "data": tracking.data_hashes(inputs), "samples": len(train_arrays)})
+        checkpoint = Checkpoint(checkpoints, fingerprint)
+        state = checkpoint.read()
+        stale_run = None
+        if not checkpoint.usable(state):
+            if state and not state.get("complete"):
+                log.info("checkpoint in %s is for other params or data; starting afresh", checkpoints)
+                stale_run = state.get("run_id")
+            checkpoint.clear()
+            state = None
+        if state and state["epoch"] > 0:
+            model = checkpoint.model(state)
+            log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
+        else:
+            model = build(name, exp, image_shape, len(data.class_names))
+            if state:
+                log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
+        log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s, %d replica(s)",
+                 name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
+                 epochs, exp.training.batch_size, keras.backend.backend(), replicas)
+        experiment_id = tracking.connect(exp.task)
+        if stale_run:
+            tracking.abandon(stale_run)
+        run = tracking.start_run(state["run_id"] if state else None, name)
+        run_id = run.info.run_id
+        if state is None:
+            state = checkpoint.start(run_id)  # from here on a killed training continues this run
         try:
-            metrics_log.flush(history, epochs, required=True)
-            checkpoint.update(logged=metrics_log.logged)
-            log_model(model, to_unit_float(train_arrays.x[:4]))
-        except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
-            raise tracking.TrackingError(
-                f"train {name}: the {epochs} epochs are trained and saved in {checkpoints}, but the MLflow "
-                f"store {tracking.tracking_label()} failed ({tracking.describe_failure(exc)}); run the stage "
-                "again when it answers: it logs the run without training again") from None
-        with atomic.replacing(out, directory=True) as folder:
-            model.save(folder / "model.keras")
-            (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-            tracking.save_run_ref(folder / "run.json", run_id, experiment_id)
-        mlflow.end_run()
-        checkpoint.update(complete=True)
-    except BaseException:
-        tracking.end_run_quietly("FAILED")
-        raise
+            if not state.get("described"):
+                with tracking.failures(f"train {name}"):
+                    mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
+                                       "train_samples": len(train_arrays), "val_samples": len(val_arrays),
+                                       "replicas": replicas})
+                    mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
+                state["described"] = True
+                checkpoint.update(described=True)
+            history = state["history"]
+            metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
+
+            def on_epoch(epoch: int, logs: dict) -> None:
+                # the checkpoint first: a store that does not answer never costs training
+                checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
+                                        "logged": metrics_log.logged, "described": True})
+                if metrics_log.flush(history, epoch + 1):
+                    checkpoint.update(logged=metrics_log.logged)
+
+            fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
+            try:
+                metrics_log.flush(history, epochs, required=True)
+                checkpoint.update(logged=metrics_log.logged)
+                log_model(model, to_unit_float(train_arrays.x[:4]))
+            except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
+                raise tracking.TrackingError(
+                    f"train {name}: the {epochs} epochs are trained and saved in {checkpoints}, but the MLflow "
+                    f"store {tracking.tracking_label()} failed ({tracking.describe_failure(exc)}); run the stage "
+                    "again when it answers: it logs the run without training again") from None
+            with atomic.replacing(out, directory=True) as folder:
+                model.save(folder / "model.keras")
+                (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+                tracking.save_run_ref(folder / "run.json", run_id, experiment_id)
+            mlflow.end_run()
+            checkpoint.update(complete=True)
+        except BaseException:
+            tracking.end_run_quietly("FAILED")
+            raise
     final = {key: values[-1] for key, values in history.items()}
     log.info("train %s: %s", name, {k: round(v, 5) for k, v in final.items()})
     return final
