@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,7 +24,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +31,14 @@ import PIL
 import yaml
 from PIL import Image
 
+from hostinfo import host
+
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_prepare")
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "pillow": PIL.__version__, "date": date.today().isoformat()}
+    return {**host(), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
 def baseline(archive: Path) -> tuple[float, int]:

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -42,24 +40,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from hostinfo import host  # noqa: E402 (benchmarks/, this script's folder)
 log = logging.getLogger("bench_train")
 
 EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s")
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     versions = subprocess.run(
         [sys.executable, "-c", "import keras, json; b = keras.backend.backend(); "
          "m = __import__('tensorflow' if b == 'tensorflow' else b); "
          "print(json.dumps({'keras': keras.__version__, 'backend': b, b: m.__version__}))"],
         capture_output=True, text=True, check=True).stdout
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "date": date.today().isoformat(),
-            **json.loads(versions)}
+    return {**host(), **json.loads(versions)}
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int, str]:
