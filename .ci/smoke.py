@@ -248,11 +248,11 @@ def main() -> int:
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout
         problems = check(work, args.max_epochs, server)
-        experiments = yaml.safe_load((work / "params.yaml").read_text())["experiments"]
-        problems += check_ui(server, work, experiments, args.screenshots and args.screenshots.resolve())
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        problems += check_ui(server, work, params["experiments"], args.screenshots and args.screenshots.resolve())
         kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))}
         if compare:
-            regression = yaml.safe_load((work / "params.yaml").read_text()).get("report", {}).get("regression", {})
+            regression = params.get("report", {}).get("regression", {})
             diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=work, env=env).stdout or "{}")
             problems += regressions(diff, regression.get("psnr_db", 0.5), regression.get("accuracy", 0.02))
             diff_md = sh("dvc", "metrics", "diff", "--md", "--precision", "4", cwd=work, env=env).stdout

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hostinfo import host  # noqa: E402 (benchmarks/, this script's folder)
+
 log = logging.getLogger("bench_train")
 
 EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s")
@@ -76,8 +77,8 @@ def subset(source: Path, dest: Path, fraction: float) -> dict[str, int]:
     from stages.images import DatasetFile, Split, load, save
 
     data = load(source)
-    splits = {name: Split(s.images[:max(1, int(len(s) * fraction))], s.labels[:max(1, int(len(s) * fraction))])
-              for name, s in data.splits.items()}
+    kept = {name: max(1, int(len(s) * fraction)) for name, s in data.splits.items()}
+    splits = {name: Split(s.images[:kept[name]], s.labels[:kept[name]]) for name, s in data.splits.items()}
     counts = {name: len(s) for name, s in splits.items()}
     save(dest, DatasetFile(splits, data.class_names, {**data.meta, "counts": counts}))
     return counts

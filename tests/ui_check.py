@@ -59,16 +59,25 @@ class Visit:
     def open(self, url: str) -> None:
         self.page.goto(url, wait_until="load", timeout=WAIT_MS)
 
+    @staticmethod
+    def poll(probe, done):
+        """Call ``probe`` every 0.25 s until ``done(result)`` or WAIT_MS pass; the last result."""
+        deadline = time.monotonic() + WAIT_MS / 1000
+        result = probe()
+        while not done(result) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            result = probe()
+        return result
+
     def wait_for_text(self, *texts: str, what: str) -> bool:
         """Wait until every text is on the page; record one problem naming those missing."""
-        deadline = time.monotonic() + WAIT_MS / 1000
-        missing = list(texts)
-        while time.monotonic() < deadline:
+        def missing_texts():
             body = self.page.inner_text("body")
-            missing = [t for t in texts if t not in body]
-            if not missing:
-                return True
-            time.sleep(0.25)
+            return [t for t in texts if t not in body]
+
+        missing = self.poll(missing_texts, lambda found: not found)
+        if not missing:
+            return True
         self.problems.append(f"{what}: {', '.join(repr(t) for t in missing)} not on the page ({self.page.url})")
         return False
 
@@ -200,13 +209,8 @@ def check_mlflow_ui(visit: Visit, server, expected: dict[str, Sequence[str]], fo
     want = png_size(server.artifact(run_id, image))
     visit.open(f"{run_page}/artifacts/{image}")
     visit.wait_for_text(image, what=f"artifact view of {name}")
-    deadline = time.monotonic() + WAIT_MS / 1000
-    shown = []
-    while time.monotonic() < deadline:
-        shown = [i for i in visit.images() if i["src"].startswith("blob:") and i["complete"] and i["width"]]
-        if shown:
-            break
-        time.sleep(0.25)
+    shown = visit.poll(lambda: [i for i in visit.images() if i["src"].startswith("blob:") and i["complete"]
+                                and i["width"]], bool)
     if not shown:
         visit.problems.append(f"artifact view of {name}: {image} not displayed")
     elif (shown[0]["width"], shown[0]["height"]) != want:
