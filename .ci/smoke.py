@@ -16,6 +16,14 @@ reconstruction grid, the compare view) and the HTML report, and checks that
 they show what the store holds (``tests/ui_check.py``); ``--screenshots DIR``
 keeps what it saw (the README's pictures come from there).
 
+Experiments: every one in params.yaml except those in ``SLOW_ON_CPU`` (or
+``--skip``): the improved models (residual autoencoders, ResNets) train at
+25-130 images/s on the 2-core CI machine, so even 2 epochs of 8,000 images
+would take CI past its 30 minutes; ``mnist_cae_plus`` stays in, for the
+residual autoencoder's path on real data, and ``tests/test_train.py`` trains
+and resumes a ResNet with its whole recipe on tiny data. Skipped experiments
+are removed from the copy's params.yaml (``--skip`` with no name keeps all).
+
 Regressions: ``.ci/smoke-baseline/`` holds the metrics of a smoke run of
 main (refresh it with ``--update-baseline``). They are committed in the copy
 as its ``metrics/`` before the run, so ``dvc metrics diff`` afterwards is the
@@ -54,7 +62,21 @@ BASELINE = ROOT / ".ci" / "smoke-baseline"
 # (a constant 0.5 output scores about 6-8 dB on MNIST-like images).
 PSNR_FLOOR = {"prepared/mnist": 12.0, "prepared/fashion_mnist": 12.0, "prepared/cifar10": 14.0}
 DENOISE_GAIN_FLOOR = 3.0  # dB over the noisy input
+GREY_GAIN_FLOOR = 0.0  # colorization: dB over the grey input (not a denoiser: a small gain is expected)
 ACCURACY_FLOOR = 0.25  # chance is 0.1 on all ten-class datasets here
+# measured on this 2-core VM, 2026-11-28 (images/s in training, TensorFlow CPU)
+# left out of the regression check: the broken model's accuracy depends on
+# which logits happen to die (nor has it an accuracy floor), and a model trained
+# on red digits only on what it makes of colours it never saw
+UNSTABLE = ("_broken", "_red_only")
+SLOW_ON_CPU = ("cifar10_cae_4pool_plus",   # 25
+               "cifar10_cae_3pool_plus",   # 66
+               "cifar10_colorize",
+               "cifar10_cnn_plus",         # 23
+               "mnist_denoise_plus",       # 100
+               "fashion_mnist_cae_plus",   # 133
+               "colored_mnist_cnn_plus",   # 100
+               "fashion_mnist_cnn_plus")   # 50
 
 
 def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -66,7 +88,18 @@ def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedPr
     return result
 
 
-def copy_tree(dest: Path, baseline: Path | None = None) -> None:
+def drop_experiments(params_file: Path, skip: set[str]) -> list[str]:
+    """Remove the ``skip`` experiments (and whatever ``improves_on`` them) from a
+    params.yaml; return the names removed. Comments are lost: it is the copy's."""
+    params = yaml.safe_load(params_file.read_text())
+    experiments = params["experiments"]
+    dropped = [name for name, exp in experiments.items() if name in skip or exp.get("improves_on") in skip]
+    params["experiments"] = {n: e for n, e in experiments.items() if n not in dropped}
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return dropped
+
+
+def copy_tree(dest: Path, baseline: Path | None = None, skip: set[str] = frozenset()) -> None:
     """Tracked files as they are in the working tree, in a fresh one-commit
     repository whose ``metrics/`` are the baseline's when there is one."""
     files = sh("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
@@ -78,6 +111,8 @@ def copy_tree(dest: Path, baseline: Path | None = None) -> None:
     if baseline is not None and baseline.is_dir():
         for path in sorted(baseline.glob("*.json")):
             shutil.copy2(path, dest / "metrics" / path.name)
+    if skip:
+        log.info("skipping %s (--skip)", ", ".join(drop_experiments(dest / "params.yaml", skip)))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost", "commit", "-qm", "smoke", cwd=dest)
@@ -104,11 +139,16 @@ def check(project: Path, max_epochs: int, server=None) -> list[str]:
             floor = PSNR_FLOOR.get(exp["data"]["target"], 10.0)
             if not test["psnr"] > floor:
                 problems.append(f"{name}: test PSNR {test['psnr']:.2f} dB not above the floor {floor}")
-            if "psnr_input" in test and not test["psnr"] > test["psnr_input"] + DENOISE_GAIN_FLOOR:
-                problems.append(f"{name}: test PSNR {test['psnr']:.2f} dB not {DENOISE_GAIN_FLOOR} dB above "
-                                f"its noisy input's {test['psnr_input']:.2f} dB")
-        elif not name.endswith("_broken") and not test["accuracy"] > ACCURACY_FLOOR:
-            problems.append(f"{name}: test accuracy {test['accuracy']:.3f} not above {ACCURACY_FLOOR}")
+            gain = GREY_GAIN_FLOOR if exp["data"].get("input", "").endswith("_grey") else DENOISE_GAIN_FLOOR
+            if "psnr_input" in test and not test["psnr"] > test["psnr_input"] + gain:
+                problems.append(f"{name}: test PSNR {test['psnr']:.2f} dB not {gain} dB above "
+                                f"its corrupted input's {test['psnr_input']:.2f} dB")
+        elif not name.endswith("_broken"):
+            # a model that saw digits of one colour only is judged on that colour
+            colours = [v for k, v in test.items() if k.startswith("colour_accuracy.")]
+            accuracy = max(colours) if name.endswith("_red_only") and colours else test["accuracy"]
+            if not accuracy > ACCURACY_FLOOR:
+                problems.append(f"{name}: test accuracy {accuracy:.3f} not above {ACCURACY_FLOOR}")
         log.info("%-26s %s", name, {k: v for k, v in test.items()
                                     if k in ("psnr", "pca_baseline_psnr", "psnr_input", "accuracy")})
     for page in ("reports/index.html", "reports/summary.md"):
@@ -121,14 +161,14 @@ def check(project: Path, max_epochs: int, server=None) -> list[str]:
 def regressions(diff: dict, psnr_db: float, accuracy: float) -> list[str]:
     """Headline metrics that fell further than allowed, from ``dvc metrics diff --json``.
 
-    The deliberately broken model is left out: its accuracy depends on which
-    logits happen to die, and nobody relies on it.
+    The ``UNSTABLE`` experiments (the deliberately broken model, the colour
+    robustness check) are left out.
     """
     problems = []
     limits = {"test.psnr": (psnr_db, "dB"), "test.accuracy": (accuracy, "")}
     for path, changes in sorted((diff.get("diff") or diff).items()):
         name = Path(path).stem
-        if name.endswith("_broken"):
+        if name.endswith(UNSTABLE):
             continue
         for key, (limit, unit) in limits.items():
             change = changes.get(key) or {}
@@ -212,6 +252,9 @@ def main() -> int:
                              "SQLite file")
     parser.add_argument("--screenshots", type=Path,
                         help="save the browser check's screenshots (MLflow UI, report) into this folder")
+    parser.add_argument("--skip", nargs="*", default=list(SLOW_ON_CPU), metavar="EXPERIMENT",
+                        help="experiments left out of the run (default: the ones too slow for a CPU CI: "
+                             f"{', '.join(SLOW_ON_CPU)}); --skip with no name runs them all")
     parser.add_argument("--official", action="store_true",
                         help="download from the official hosts (no mirror); CIFAR-10 from cifar-10-python.tar.gz")
     args = parser.parse_args()
@@ -244,7 +287,7 @@ def main() -> int:
             env["MLFLOW_TRACKING_URI"] = server.url
             log.info("logging to a real mlflow server at %s", server.url)
         compare = BASELINE.is_dir() and not args.update_baseline
-        copy_tree(work, BASELINE if compare else None)
+        copy_tree(work, BASELINE if compare else None, set(args.skip))
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout
         problems = check(work, args.max_epochs, server)

@@ -18,6 +18,7 @@ from stages.errors import PipelineError
 from stages.images import SPLITS, DatasetFile, Split, load, save
 
 log = logging.getLogger("stages.corrupt")
+CHANNELS = ("red", "green", "blue")
 
 
 def corrupt(data: DatasetFile, cfg) -> tuple[DatasetFile, dict]:
@@ -30,14 +31,22 @@ def corrupt(data: DatasetFile, cfg) -> tuple[DatasetFile, dict]:
             images = corruptions.gaussian(split.images, cfg.factor, rng)
         elif cfg.kind == "salt_pepper":
             images = corruptions.salt_pepper(split.images, cfg.amount, cfg.salt_vs_pepper, rng)
+        elif cfg.kind == "grayscale":
+            if data.image_shape[2] != 3:
+                raise PipelineError(f"corruptions: grayscale needs a colour dataset, but '{cfg.dataset}' has "
+                                    f"{data.image_shape[2]} channel(s)")
+            images = corruptions.grayscale(split.images)
         else:
             if data.image_shape[2] != 1:
                 raise PipelineError(
                     f"corruptions: colorize needs a grey dataset, but '{cfg.dataset}' has "
                     f"{data.image_shape[2]} channels"
                 )
-            colorize = corruptions.colorize_channel if cfg.mode == "channel" else corruptions.colorize_tint
-            images, channels = colorize(split.images, rng)
+            if cfg.mode == "channel":
+                allowed = (0, 1, 2) if name == "test" else tuple(CHANNELS.index(c) for c in cfg.train_channels)
+                images, channels = corruptions.colorize_channel(split.images, rng, allowed)
+            else:
+                images, channels = corruptions.colorize_tint(split.images, rng)
             balance = np.bincount(channels, minlength=3) / max(len(channels), 1)
             summary[f"{name}_channel_share_rgb"] = [round(float(b), 4) for b in balance]
         splits[name] = Split(images, split.labels)

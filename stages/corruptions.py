@@ -42,10 +42,12 @@ def salt_pepper(
     return out
 
 
-def colorize_channel(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Put each grey image into one random pure R, G or B channel; return (images, channels)."""
+def colorize_channel(images: np.ndarray, rng: np.random.Generator,
+                     allowed: tuple[int, ...] = (0, 1, 2)) -> tuple[np.ndarray, np.ndarray]:
+    """Put each grey image into one random pure R, G or B channel out of
+    ``allowed`` (0, 1, 2 = R, G, B); return (images, channels)."""
     _require_grey(images)
-    channels = rng.integers(0, 3, size=len(images))
+    channels = np.asarray(allowed)[rng.integers(0, len(allowed), size=len(images))]
     out = np.zeros(images.shape[:3] + (3,), dtype=np.uint8)
     out[np.arange(len(images)), ..., channels] = images[..., 0]
     return out, channels
@@ -61,6 +63,25 @@ def colorize_tint(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
         grey = to_unit_float(images[start:start + CHUNK])
         out[start:start + CHUNK] = _to_uint8(grey * colours[start:start + CHUNK, None, None, :])
     return out, np.argmax(colours, axis=1)
+
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
+
+
+def grayscale(images: np.ndarray) -> np.ndarray:
+    """RGB to BT.601 luma, rounded, repeated in all three channels (same shape as the input)."""
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"grayscale needs RGB images (N, H, W, 3), got shape {images.shape}")
+    out = np.empty_like(images)
+    for start in range(0, len(images), CHUNK):
+        luma = images[start:start + CHUNK].astype(np.float32) @ LUMA
+        out[start:start + CHUNK] = np.rint(luma).astype(np.uint8)[..., None]
+    return out
+
+
+def dominant_channel(images: np.ndarray) -> np.ndarray:
+    """For each RGB image, the channel (0, 1, 2) holding most of its intensity."""
+    return images.reshape(len(images), -1, images.shape[-1]).sum(axis=1, dtype=np.int64).argmax(axis=1)
 
 
 def _require_grey(images: np.ndarray) -> None:

@@ -21,11 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages import atomic, cli, metrics, params as params_mod, plots, tracking  # noqa: E402
+import stages.recipes  # noqa: E402,F401 - registers the schedules and loss that saved models name
+from stages import atomic, cli, corruptions, metrics, params as params_mod, plots, tracking  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import ExperimentData  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.models import latent_shape  # noqa: E402
+from stages.models import model_latent_shape  # noqa: E402
 
 log = logging.getLogger("stages.evaluate")
 
@@ -49,7 +50,7 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     test = data.split("test")
     target, output = to_unit_float(test.y), predict(model, test.x)
     image = np.clip(output, 0.0, 1.0)
-    latent = latent_shape(exp.model.spec(), target.shape[1:])
+    latent = model_latent_shape(exp.model.spec(), target.shape[1:])
     train_targets = data.split(*exp.data.train_on.split("+")).y
     rows = np.sort(np.random.default_rng(0).permutation(len(train_targets))[:PCA_TRAIN])
     latent_size = int(np.prod(latent))
@@ -77,17 +78,29 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
         noisy_mse = per_image_mse(target, noisy)
         results["psnr_input"] = metrics.psnr_from_mse(noisy_mse)
         results["psnr_input_pooled"] = metrics.psnr_from_mse(noisy_mse, pooled=True)
+        results["ssim_input"] = metrics.ssim(target, noisy)
         grid["corrupted input"] = noisy[:GRID_IMAGES]
     grid["reconstruction"] = image[:GRID_IMAGES]
     plots.reconstruction_grid(grid, folder / "reconstructions.png", max_images=GRID_IMAGES)
     return results
 
 
+def colour_accuracy(images: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """Accuracy on the test digits of each colour (colored MNIST: the channel each one is in)."""
+    channel = corruptions.dominant_channel(images)
+    return {f"colour_accuracy.{colour}": float(correct[channel == i].mean())
+            for i, colour in enumerate(("red", "green", "blue")) if (channel == i).any()}
+
+
 def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
     test = data.split("test")
     probabilities = predict(model, test.x)
-    predicted = probabilities.argmax(axis=1)
     labels = test.y
+    extra = {}
+    if exp.evaluation.flip_tta:  # test-time augmentation: the image and its mirror image, predictions averaged
+        extra["accuracy_without_tta"] = float((probabilities.argmax(axis=1) == labels).mean())
+        probabilities = (probabilities + predict(model, test.x[:, :, ::-1])) / 2
+    predicted = probabilities.argmax(axis=1)
     chosen = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     cm = metrics.confusion_matrix(labels, predicted, len(data.class_names))
     per_class = metrics.per_class_accuracy(cm)
@@ -101,7 +114,10 @@ def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> 
     results = {"accuracy": float((predicted == labels).mean()), "loss": float(-np.log(chosen).mean()),
                "min_class_accuracy": float(per_class.min())}
     results.update({f"class_accuracy.{c}": float(a) for c, a in zip(data.class_names, per_class)})
-    return results
+    corruption = data.inputs.meta.get("corruption") or {}
+    if corruption.get("kind") == "colorize" and corruption.get("mode") == "channel":
+        results.update(colour_accuracy(test.x, predicted == labels))
+    return {**results, **extra}
 
 
 def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file: Path,

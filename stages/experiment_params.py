@@ -27,10 +27,20 @@ class Data(_Strict):
     validate_on: Literal["val", "test"] = "val"  # the seed questions validated on test
 
 
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class Training(_Strict):
     loss: Literal["mse", "bce", "sparse_categorical_crossentropy"]
-    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
     learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: Keras' default for the optimizer
+    # constant, or a schedule over all steps whose peak is learning_rate
+    schedule: Literal["constant", "one_cycle", "cosine"] = "constant"
+    warmup: Fraction | None = None  # share of the steps spent warming up (one_cycle 0.25, cosine 0.05)
+    weight_decay: Annotated[float, Field(ge=0)] | None = None  # adamw (default 0.004) and sgd
+    momentum: Fraction = 0.0  # sgd only
+    nesterov: bool = False  # sgd only
+    label_smoothing: Fraction = 0.0  # classifiers only
     epochs: Positive
     batch_size: Positive
     seed: int = 0
@@ -40,6 +50,18 @@ class Training(_Strict):
     steps_per_execution: Positive = 1
     # data_parallel: one replica per visible device (GPUs, else CPUs), batch_size the global batch
     distribution: Literal["none", "data_parallel"] = "none"
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> "Training":
+        if self.schedule != "constant" and self.learning_rate is None:
+            raise ValueError(f"schedule '{self.schedule}' needs learning_rate (its peak)")
+        if self.warmup is not None and self.schedule == "constant":
+            raise ValueError("warmup applies to a schedule (one_cycle or cosine), not to a constant rate")
+        if (self.momentum or self.nesterov) and self.optimizer != "sgd":
+            raise ValueError(f"momentum and nesterov apply to optimizer sgd, not '{self.optimizer}'")
+        if self.weight_decay is not None and self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"weight_decay applies to optimizer adamw or sgd, not '{self.optimizer}'")
+        return self
 
 
 class ConvAutoencoder(_Strict):
@@ -59,6 +81,34 @@ class ConvAutoencoder(_Strict):
         from stages.models import AutoencoderSpec  # keras stays out of the data stages' start-up
 
         return AutoencoderSpec(tuple(self.filters), self.poolings, self.activation, self.output_activation)
+
+
+class ResidualAutoencoder(_Strict):
+    """Batch norm, stride-2 convs and residual blocks; ``filters[i]`` is the
+    width after ``i`` halvings, so ``len(filters) - 1`` is the poolings."""
+
+    kind: Literal["residual_autoencoder"]
+    filters: Annotated[tuple[Positive, ...], Field(min_length=1)]
+    blocks: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)]  # residual blocks per level
+    latent_channels: Positive
+    output_activation: Literal["sigmoid", "linear"] = "sigmoid"
+
+    @model_validator(mode="after")
+    def _one_per_level(self) -> "ResidualAutoencoder":
+        if len(self.blocks) != len(self.filters):
+            raise ValueError(f"blocks has {len(self.blocks)} entries, filters {len(self.filters)}: "
+                             "give one block count per level")
+        return self
+
+    @property
+    def poolings(self) -> int:
+        return len(self.filters) - 1
+
+    def spec(self):
+        from stages.models import ResidualAutoencoderSpec
+
+        return ResidualAutoencoderSpec(tuple(self.filters), tuple(self.blocks), self.latent_channels,
+                                       self.output_activation)
 
 
 class Block(_Strict):
@@ -86,18 +136,57 @@ class Cnn(_Strict):
                               self.dense_activation, self.dropout, self.logits_activation)
 
 
+class Stage(_Strict):
+    filters: Positive
+    blocks: Annotated[int, Field(ge=0)] = 0
+    pool: bool = True
+
+
+class Augment(_Strict):
+    flip: bool = False  # random horizontal flips (not for digits)
+    translate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0  # random shifts, a fraction of the side
+
+
+class ResNet(_Strict):
+    """ResNet-9 style: stem conv, stages (conv-BN-ReLU, pooling, residual
+    blocks), global max pooling, dense logits times ``logit_scale``; the
+    augmentation layers run inside the model, on the accelerator, in training only."""
+
+    kind: Literal["resnet"]
+    stem: Positive
+    stages: Annotated[tuple[Stage, ...], Field(min_length=1)]
+    dropout: Fraction = 0.0
+    logit_scale: Annotated[float, Field(gt=0)] = 1.0
+    augment: Augment = Augment()
+
+    def spec(self, num_classes: int):
+        from stages.models import ResNetSpec, ResStage
+
+        return ResNetSpec(self.stem, tuple(ResStage(s.filters, s.blocks, s.pool) for s in self.stages), num_classes,
+                          self.dropout, self.logit_scale, self.augment.flip, self.augment.translate)
+
+
+class Evaluation(_Strict):
+    flip_tta: bool = False  # classifiers: average the predictions of each test image and its mirror image
+
+
+AUTOENCODER_KINDS = ("conv_autoencoder", "residual_autoencoder")
+
+
 class Experiment(_Strict):
     task: Literal["autoencoder", "classifier"]
     description: str = ""
     seed_figure: str | None = None  # the seed question's published result, quoted for the report
+    improves_on: str | None = None  # the seed experiment this one improves on, compared in the report
     data: Data
-    model: Annotated[Union[ConvAutoencoder, Cnn], Field(discriminator="kind")]
+    model: Annotated[Union[ConvAutoencoder, ResidualAutoencoder, Cnn, ResNet], Field(discriminator="kind")]
     training: Training
+    evaluation: Evaluation = Evaluation()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":
         autoencoder = self.task == "autoencoder"
-        if autoencoder != (self.model.kind == "conv_autoencoder"):
+        if autoencoder != (self.model.kind in AUTOENCODER_KINDS):
             raise ValueError(f"task '{self.task}' does not match model kind '{self.model.kind}'")
         if autoencoder and self.training.loss not in ("mse", "bce"):
             raise ValueError(f"an autoencoder needs loss mse or bce, not '{self.training.loss}'")
@@ -105,4 +194,8 @@ class Experiment(_Strict):
             raise ValueError("a classifier needs loss sparse_categorical_crossentropy")
         if not autoencoder and self.data.target != self.data.input:
             raise ValueError("a classifier's data.target must be its data.input (the labels come from it)")
+        if autoencoder and self.training.label_smoothing:
+            raise ValueError("training.label_smoothing applies to classifiers")
+        if autoencoder and self.evaluation.flip_tta:
+            raise ValueError("evaluation.flip_tta applies to classifiers")
         return self

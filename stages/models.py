@@ -109,3 +109,141 @@ def build_classifier(spec: ClassifierSpec, image_shape: tuple[int, int, int], na
     x = layers.Dense(spec.num_classes, activation=spec.logits_activation, name="logits")(x)
     outputs = layers.Softmax(name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+# --- Improved models (beyond the seeds): batch norm, strided and residual blocks ---
+
+
+@dataclass(frozen=True)
+class ResidualAutoencoderSpec:
+    """``filters[i]``: width after ``i`` halvings (``len(filters) = poolings + 1``);
+    ``blocks[i]``: residual blocks at that level, in the encoder and again in the decoder.
+
+    The encoder halves the image with stride-2 convs, the bottleneck is a
+    linear 1x1 conv to ``latent_channels`` (so the latent has the seed
+    model's shape), and the decoder doubles back with transposed convs.
+    """
+
+    filters: tuple[int, ...]
+    blocks: tuple[int, ...]
+    latent_channels: int
+    output_activation: str = "sigmoid"
+
+    @property
+    def poolings(self) -> int:
+        return len(self.filters) - 1
+
+
+@dataclass(frozen=True)
+class ResStage:
+    filters: int
+    blocks: int = 0  # residual blocks after the stage's conv (and pooling)
+    pool: bool = True
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """A ResNet-9-style classifier: stem conv, stages of conv-BN-ReLU (+ max
+    pooling, + residual blocks), global max pooling, one dense layer whose
+    logits are multiplied by ``logit_scale`` before the softmax. ``augment``
+    adds random horizontal flips and translations by up to ``translate`` of
+    the side (zero-filled, like a padded random crop) in front of the network,
+    active only in training, so they run on the accelerator."""
+
+    stem: int
+    stages: tuple[ResStage, ...]
+    num_classes: int = 10
+    dropout: float = 0.0
+    logit_scale: float = 1.0
+    flip: bool = False
+    translate: float = 0.0
+
+
+def _conv_bn(x, filters: int, name: str, strides: int = 1, kernel_size: int = 3, activation: bool = True):
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x) if activation else x
+
+
+def _residual(x, filters: int, name: str):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))``: two 3x3 convs around an identity skip."""
+    y = _conv_bn(x, filters, f"{name}a")
+    y = _conv_bn(y, filters, f"{name}b", activation=False)
+    return layers.Activation("relu", name=f"{name}_out")(layers.Add(name=f"{name}_add")([x, y]))
+
+
+def residual_latent_shape(spec: ResidualAutoencoderSpec, image_shape) -> tuple[int, int, int]:
+    if len(spec.blocks) != len(spec.filters):
+        raise ValueError(f"blocks has {len(spec.blocks)} entries but filters has {len(spec.filters)}: one per level")
+    shape = latent_shape(AutoencoderSpec(spec.filters, spec.poolings), image_shape)
+    return shape[:2] + (spec.latent_channels,)
+
+
+def build_residual_autoencoder(spec: ResidualAutoencoderSpec, image_shape: tuple[int, int, int],
+                               name: str = "autoencoder"):
+    """Return (autoencoder, encoder) Keras models."""
+    residual_latent_shape(spec, image_shape)
+    inputs = keras.Input(shape=image_shape, name="image")
+    x = _conv_bn(inputs, spec.filters[0], "enc_stem")
+    for level, (filters, blocks) in enumerate(zip(spec.filters, spec.blocks)):
+        if level:
+            x = _conv_bn(x, filters, f"enc_down{level}", strides=2)
+        for block in range(blocks):
+            x = _residual(x, filters, f"enc{level}_res{block}")
+    latent = layers.Conv2D(spec.latent_channels, 1, name="latent")(x)
+    x = _conv_bn(latent, spec.filters[-1], "dec_stem")
+    for level in reversed(range(len(spec.filters))):
+        for block in range(spec.blocks[level]):
+            x = _residual(x, spec.filters[level], f"dec{level}_res{block}")
+        if level:
+            x = layers.Conv2DTranspose(spec.filters[level - 1], 3, strides=2, padding="same", use_bias=False,
+                                       name=f"dec_up{level}_conv")(x)
+            x = layers.Activation("relu", name=f"dec_up{level}_relu")(
+                layers.BatchNormalization(name=f"dec_up{level}_bn")(x))
+    outputs = layers.Conv2D(image_shape[2], 3, padding="same", activation=spec.output_activation,
+                            name="reconstruction", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=name), keras.Model(inputs, latent, name=f"{name}_encoder")
+
+
+def build_resnet(spec: ResNetSpec, image_shape: tuple[int, int, int], name: str = "classifier"):
+    inputs = keras.Input(shape=image_shape, name="image")
+    x = inputs
+    if spec.flip:
+        x = layers.RandomFlip("horizontal", name="augment_flip")(x)
+    if spec.translate:
+        x = layers.RandomTranslation(spec.translate, spec.translate, fill_mode="constant",
+                                     name="augment_translate")(x)
+    x = _conv_bn(x, spec.stem, "stem")
+    for i, stage in enumerate(spec.stages):
+        x = _conv_bn(x, stage.filters, f"stage{i}")
+        if stage.pool:
+            x = layers.MaxPooling2D(2, padding="same", name=f"stage{i}_pool")(x)
+        for block in range(stage.blocks):
+            x = _residual(x, stage.filters, f"stage{i}_res{block}")
+    x = layers.GlobalMaxPooling2D(name="global_pool")(x)
+    if spec.dropout:
+        x = layers.Dropout(spec.dropout, name="dropout")(x)
+    x = layers.Dense(spec.num_classes, use_bias=False, name="logits")(x)
+    if spec.logit_scale != 1.0:
+        x = layers.Rescaling(spec.logit_scale, name="logit_scale")(x)
+    outputs = layers.Softmax(name="probabilities", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def model_latent_shape(spec, image_shape) -> tuple[int, int, int]:
+    """The bottleneck shape of either autoencoder spec."""
+    if isinstance(spec, ResidualAutoencoderSpec):
+        return residual_latent_shape(spec, image_shape)
+    return latent_shape(spec, image_shape)
+
+
+def build_any_autoencoder(spec, image_shape, name: str = "autoencoder"):
+    if isinstance(spec, ResidualAutoencoderSpec):
+        return build_residual_autoencoder(spec, image_shape, name)
+    return build_autoencoder(spec, image_shape, name)
+
+
+def build_any_classifier(spec, image_shape, name: str = "classifier"):
+    if isinstance(spec, ResNetSpec):
+        return build_resnet(spec, image_shape, name)
+    return build_classifier(spec, image_shape, name)

@@ -93,14 +93,37 @@ class SaltPepper(_Strict):
     seed: int = 0
 
 
+Channel = Literal["red", "green", "blue"]
+
+
 class Colorize(_Strict):
     dataset: str
     kind: Literal["colorize"]
     mode: Literal["channel", "tint"] = "channel"
+    # mode channel: the channels the train and val digits may take (the test
+    # split always takes all three: a colour robustness check)
+    train_channels: Annotated[tuple[Channel, ...], Field(min_length=1)] = ("red", "green", "blue")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _channels_fit(self) -> "Colorize":
+        if self.mode == "tint" and len(self.train_channels) != 3:
+            raise ValueError("train_channels applies to mode 'channel'")
+        if len(set(self.train_channels)) != len(self.train_channels):
+            raise ValueError(f"train_channels {list(self.train_channels)} names a channel twice")
+        return self
 
-Corruption = Annotated[Union[Gaussian, SaltPepper, Colorize], Field(discriminator="kind")]
+
+class Grayscale(_Strict):
+    """Colour images to grey (ITU-R BT.601 luma), kept as three equal channels:
+    the input of a colorization autoencoder."""
+
+    dataset: str
+    kind: Literal["grayscale"]
+    seed: int = 0  # unused (grey is deterministic); kept so every corruption has one
+
+
+Corruption = Annotated[Union[Gaussian, SaltPepper, Colorize, Grayscale], Field(discriminator="kind")]
 
 
 class Regression(_Strict):
@@ -145,6 +168,13 @@ class Params(_Strict):
                         f"'{'datasets' if kind == 'prepared' else 'corruptions'}'{_suggest(stem, known[kind])}"
                     )
             self._poolings_fit(name, experiment)
+            seed = experiment.improves_on
+            if seed is not None and (seed == name or seed not in self.experiments):
+                raise ValueError(f"experiments.{name}.improves_on: {seed!r} names no other experiment"
+                                 f"{_suggest(seed, [n for n in self.experiments if n != name])}")
+            if seed is not None and self.experiments[seed].task != experiment.task:
+                raise ValueError(f"experiments.{name}.improves_on: {seed!r} is a {self.experiments[seed].task}, "
+                                 f"{name} a {experiment.task}")
         return self
 
     def _poolings_fit(self, name: str, experiment: Experiment) -> None:
@@ -205,8 +235,12 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) else None
 
 
+UNION_TAGS = ("gaussian", "salt_pepper", "colorize", "grayscale", "conv_autoencoder", "residual_autoencoder", "cnn",
+              "resnet")
+
+
 def _format(error: dict, raw: dict) -> str:
-    loc = tuple(p for p in error["loc"] if p not in ("gaussian", "salt_pepper", "colorize", "conv_autoencoder", "cnn"))
+    loc = tuple(p for p in error["loc"] if p not in UNION_TAGS)
     key = ".".join(str(p) for p in loc)
     kind = error["type"]
     if kind == "extra_forbidden":

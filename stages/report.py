@@ -9,6 +9,8 @@ Experiments are comparable when they read the same input and predict the same
 target: autoencoders are ranked within such a group by test PSNR (the mean of
 per-image PSNR), beside the PCA baseline at the same latent size, and
 classifiers by test accuracy; the best of each group of two or more is marked.
+An experiment that names the seed experiment it ``improves_on`` gets a "vs
+seed" column: its PSNR (dB) or accuracy (points) minus the seed model's.
 
 It also writes the data of the DVC plots that ``dvc.yaml`` declares beside
 each experiment's loss curves (``plots/<experiment>.json``, from evaluate):
@@ -55,6 +57,8 @@ class Row:
     source: str           # the downloaded dataset it came from (e.g. cifar10_jpeg)
     epochs: int
     test: dict
+    improves_on: str | None = None
+    vs_seed: float | None = None  # PSNR dB or accuracy points over the improves_on experiment
     best: bool = False
     images: dict[str, Path] = field(default_factory=dict)
 
@@ -73,10 +77,16 @@ def build_rows(experiments: dict, metrics: dict[str, dict]) -> list[Row]:
         rows.append(Row(name=name, task=exp.task, description=exp.description, seed_figure=exp.seed_figure,
                         dataset=exp.data.target if exp.data.input == exp.data.target
                         else f"{exp.data.input} -> {exp.data.target}", source=summary.get("dataset_source", ""),
-                        epochs=int(summary["epochs"]), test=summary["test"]))
+                        epochs=int(summary["epochs"]), test=summary["test"], improves_on=exp.improves_on))
 
     def score(row: Row) -> float:
         return row.test.get("psnr" if row.task == "autoencoder" else "accuracy", float("-inf"))
+
+    by_name = {row.name: row for row in rows}
+    for row in rows:
+        if row.improves_on in by_name:
+            gain = score(row) - score(by_name[row.improves_on])
+            row.vs_seed = gain if row.task == "autoencoder" else 100 * gain
 
     rows.sort(key=lambda r: (r.task != "autoencoder", r.dataset, -score(r), r.name))
     best: dict[tuple[str, str], float] = {}
@@ -101,8 +111,25 @@ def _gain(row: Row) -> float | None:
 
 
 AE_COLUMNS = ("experiment", "dataset", "epochs", "latent", "PSNR dB", "PSNR pooled", "PCA same latent",
-              "vs PCA", "noisy input", "SSIM", "Keras \"accuracy\"", "seed's figure")
-CLF_COLUMNS = ("experiment", "dataset", "epochs", "accuracy", "worst class", "loss", "seed's figure")
+              "vs PCA", "vs seed", "input (noisy, grey)", "SSIM", "SSIM input", "Keras \"accuracy\"",
+              "seed's figure")
+CLF_COLUMNS = ("experiment", "dataset", "epochs", "accuracy", "vs seed", "worst class", "R / G / B digits", "loss",
+               "seed's figure")
+
+
+def _seed_gain(row: Row) -> float | None:
+    return row.vs_seed
+
+
+def _vs_seed(row: Row) -> str:
+    if row.vs_seed is None:
+        return ""
+    return f"{row.vs_seed:+.2f}{' dB' if row.task == 'autoencoder' else ' pt'} ({row.improves_on})"
+
+
+def _colours(t: dict) -> str:
+    keys = [f"colour_accuracy.{c}" for c in ("red", "green", "blue")]
+    return " / ".join(_num(100 * t[k], 1, "%") if k in t else "-" for k in keys) if any(k in t for k in keys) else ""
 
 
 def _ae_cells(row: Row) -> list[str]:
@@ -110,15 +137,16 @@ def _ae_cells(row: Row) -> list[str]:
     gain = _gain(row)
     return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), str(int(t.get("latent_size", 0))),
             _num(t.get("psnr")), _num(t.get("psnr_pooled")), _num(t.get("pca_baseline_psnr")),
-            "" if gain is None else f"{gain:+.2f}", _num(t.get("psnr_input")), _num(t.get("ssim"), 3),
-            _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"), row.seed_figure or ""]
+            "" if gain is None else f"{gain:+.2f}", _vs_seed(row), _num(t.get("psnr_input")), _num(t.get("ssim"), 3),
+            _num(t.get("ssim_input"), 3), _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"),
+            row.seed_figure or ""]
 
 
 def _clf_cells(row: Row) -> list[str]:
     t = row.test
-    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs),
-            _num(100 * t["accuracy"], 2, "%"), _num(100 * t["min_class_accuracy"], 1, "%"),
-            _num(t.get("loss"), 4), row.seed_figure or ""]
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _num(100 * t["accuracy"], 2, "%"),
+            _vs_seed(row), _num(100 * t["min_class_accuracy"], 1, "%"), _colours(t), _num(t.get("loss"), 4),
+            row.seed_figure or ""]
 
 
 def _md_escape(text: str) -> str:
@@ -129,7 +157,9 @@ def render_markdown(rows: list[Row]) -> str:
     lines = ["# Experiments", "",
              "Test split. PSNR is the mean of per-image PSNR; \"PSNR pooled\" is the PSNR of the MSE "
              "over all test images. \"PCA same latent\" is a PCA reconstruction (of the corrupted input, "
-             "for a denoiser) with as many components as the autoencoder's latent values. "
+             "for a denoiser) with as many components as the autoencoder's latent values. \"vs seed\": "
+             "an improved model's PSNR (dB) or accuracy (points) minus the seed experiment's it improves on. "
+             "\"Input\": the corrupted (noisy or grey) input scored as if it were the output. "
              "**Bold**: the best of several models for the same data (input and target).", ""]
     for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
         chosen = [r for r in rows if r.task == task]
@@ -165,12 +195,16 @@ tr.best td { background: #e6f4e6; font-weight: 600; }
 """
 
 
-def _html_table(rows: list[Row], columns, cells, gain_column: int | None) -> str:
+def _html_table(rows: list[Row], columns, cells) -> str:
+    """The table, with the gains ("vs PCA", "vs seed") green when up and red when down."""
+    gains = {i: fn for i, fn in ((columns.index(c), fn) for c, fn in (("vs PCA", _gain), ("vs seed", _seed_gain))
+                                 if c in columns)}
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
     for row in rows:
         values = [html.escape(c) for c in cells(row)]
-        if gain_column is not None and (gain := _gain(row)) is not None:
-            values[gain_column] = f'<span class="{"up" if gain >= 0 else "down"}">{values[gain_column]}</span>'
+        for column, fn in gains.items():
+            if (gain := fn(row)) is not None:
+                values[column] = f'<span class="{"up" if gain >= 0 else "down"}">{values[column]}</span>'
         values[0] = f'<a href="#{html.escape(row.name)}">{values[0]}</a>'
         out.append(f'<tr class="{"best" if row.best else ""}">' + "".join(f"<td>{v}</td>" for v in values) + "</tr>")
     out.append("</table>")
@@ -182,18 +216,23 @@ def render_html(rows: list[Row]) -> str:
              "<title>Experiments</title>", f"<style>{STYLE}</style></head><body>", "<h1>Experiments</h1>",
              "<p>Test split. PSNR: mean of per-image PSNR; pooled: PSNR of the MSE over all test images. "
              "PCA same latent: a PCA reconstruction with as many components as the latent has values "
-             "(for a denoiser, of the noisy input). Green rows: the best of several models for the same data (input and target).</p>"]
-    for task, columns, cells, gain in (("autoencoder", AE_COLUMNS, _ae_cells, AE_COLUMNS.index("vs PCA")),
-                                       ("classifier", CLF_COLUMNS, _clf_cells, None)):
+             "(for a denoiser, of the noisy input). vs seed: an improved model's PSNR (dB) or accuracy "
+             "(points) minus the seed experiment's it improves on. Input: the corrupted (noisy or grey) input "
+             "scored as if it were the output. Green rows: the best of several models for the same data "
+             "(input and target).</p>"]
+    for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
         chosen = [r for r in rows if r.task == task]
         if not chosen:
             continue
-        parts += [f"<h2>{task.capitalize()}s</h2>", _html_table(chosen, columns, cells, gain), '<div class="cards">']
+        parts += [f"<h2>{task.capitalize()}s</h2>", _html_table(chosen, columns, cells), '<div class="cards">']
         for row in chosen:
             parts.append(f'<div class="card" id="{html.escape(row.name)}"><h3>{html.escape(row.name)}</h3>'
                          f"<p>{html.escape(row.description)}</p>")
             if row.seed_figure:
                 parts.append(f"<p>Seed's figure: {html.escape(row.seed_figure)}</p>")
+            if row.improves_on:
+                parts.append(f'<p>Improves on <a href="#{html.escape(row.improves_on)}">'
+                             f"{html.escape(row.improves_on)}</a>: {html.escape(_vs_seed(row))}</p>")
             for label, path in row.images.items():
                 parts.append(f'<img alt="{html.escape(row.name)} {html.escape(label)}" src="{_data_uri(path)}">')
             parts.append("</div>")

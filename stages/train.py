@@ -27,12 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages import atomic, cli, distribution, params as params_mod, tracking  # noqa: E402
+from stages import atomic, cli, distribution, params as params_mod, recipes, tracking  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.models import build_autoencoder, build_classifier  # noqa: E402
+from stages.models import build_any_autoencoder, build_any_classifier  # noqa: E402
 
 log = logging.getLogger("stages.train")
 
@@ -71,21 +71,40 @@ def configure_backend(seed: int, mixed_precision: bool) -> None:
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_precision else "float32")
 
 
-def build(name: str, exp: Experiment, image_shape, num_classes: int) -> keras.Model:
+def optimizer_for(t, total_steps: int) -> keras.optimizers.Optimizer:
+    """The optimizer ``training`` names, at its constant rate or on its schedule
+    over ``total_steps``; unset options keep Keras' defaults."""
+    options = {}
+    if t.learning_rate is not None:
+        options["learning_rate"] = recipes.schedule(t.schedule, t.learning_rate, total_steps, t.warmup)
+    if t.optimizer == "sgd":
+        options.update(momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    elif t.optimizer == "adamw" and t.weight_decay is not None:
+        options["weight_decay"] = t.weight_decay
+    kinds = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "rmsprop": keras.optimizers.RMSprop,
+             "sgd": keras.optimizers.SGD}
+    return kinds[t.optimizer](**options)
+
+
+def loss_for(t, num_classes: int):
+    if t.label_smoothing:
+        return recipes.SmoothedSparseCrossentropy(t.label_smoothing, num_classes)
+    return LOSSES[t.loss]
+
+
+def build(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_epoch: int, epochs: int) -> keras.Model:
     try:
         if exp.task == "autoencoder":
-            model, _ = build_autoencoder(exp.model.spec(), image_shape)
+            model, _ = build_any_autoencoder(exp.model.spec(), image_shape)
         else:
-            model = build_classifier(exp.model.spec(num_classes), image_shape)
+            model = build_any_classifier(exp.model.spec(num_classes), image_shape)
     except ValueError as exc:  # the model does not fit these images (sizes known only after prepare)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"experiments.{name}.model does not fit {exp.data.input}'s "
                             f"{'x'.join(map(str, image_shape))} images: {first}") from None
     t = exp.training
-    optimizer = keras.optimizers.get(t.optimizer)
-    if t.learning_rate is not None:
-        optimizer.learning_rate = t.learning_rate
-    model.compile(optimizer=optimizer, loss=LOSSES[t.loss], metrics=list(t.metrics),
+    model.compile(optimizer=optimizer_for(t, steps_per_epoch * epochs), loss=loss_for(t, num_classes),
+                  metrics=list(t.metrics),
                   jit_compile=t.jit_compile, steps_per_execution=t.steps_per_execution)
     return model
 
@@ -248,7 +267,8 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             model = checkpoint.model(state)
             log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
         else:
-            model = build(name, exp, image_shape, len(data.class_names))
+            steps_per_epoch = math.ceil(len(train_arrays) / exp.training.batch_size)
+            model = build(name, exp, image_shape, len(data.class_names), steps_per_epoch, epochs)
             if state:
                 log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
         log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s, %d replica(s)",

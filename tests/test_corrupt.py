@@ -131,3 +131,45 @@ def test_missing_input_says_what_to_run(project, caplog):
     _params(project, kind="gaussian")
     assert corrupt_mod.main(["c"]) == 1
     assert "toy.npz: dataset file not found (run its prepare/corrupt stage)" in caplog.text
+
+
+def test_grayscale_is_bt601_luma_in_three_equal_channels():
+    rgb = np.array([[[[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 200, 30]]]], np.uint8)
+    grey = corruptions.grayscale(rgb)
+    assert grey.shape == rgb.shape and grey.dtype == np.uint8
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    expected = np.rint(rgb.astype(np.float64) @ [0.299, 0.587, 0.114])
+    assert np.array_equal(grey[..., 0], expected.astype(np.uint8))  # 76, 150, 29, 124
+    with pytest.raises(ValueError, match="grayscale needs RGB images"):
+        corruptions.grayscale(_grey(2))
+
+
+def test_colorize_channel_keeps_to_the_allowed_channels():
+    images, channels = corruptions.colorize_channel(_grey(300), np.random.default_rng(0), allowed=(0,))
+    assert set(channels) == {0} and not images[..., 1:].any()
+    assert np.array_equal(corruptions.dominant_channel(images), channels)
+    # all three allowed: the same draw as before the option existed (colored_mnist stays the same file)
+    _, before = corruptions.colorize_channel(_grey(300), np.random.default_rng(5))
+    assert np.array_equal(before, np.random.default_rng(5).integers(0, 3, size=300))
+
+
+def test_train_channels_colour_train_and_val_only(project):
+    _prepared(project, n=(60, 30, 60))
+    _params(project, kind="colorize", mode="channel", train_channels=["green"])
+    assert corrupt_mod.main(["c"]) == 0
+    out = load(project / "data/corrupted/c.npz")
+    for name in ("train", "val"):
+        assert set(corruptions.dominant_channel(out.splits[name].images)) == {1}
+    assert set(corruptions.dominant_channel(out.splits["test"].images)) == {0, 1, 2}
+    assert out.meta["train_channel_share_rgb"] == [0.0, 1.0, 0.0]
+
+
+def test_grayscale_stage_refuses_grey_data(project, caplog):
+    _prepared(project)
+    _params(project, kind="grayscale")
+    assert corrupt_mod.main(["c"]) == 1
+    assert "grayscale needs a colour dataset, but 'toy' has 1 channel(s)" in caplog.text
+    _prepared(project, channels=3)
+    assert corrupt_mod.main(["c"]) == 0
+    out = load(project / "data/corrupted/c.npz")
+    assert out.image_shape == (28, 28, 3) and out.meta["corruption"]["kind"] == "grayscale"

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
 from stages.models import (
-    AutoencoderSpec, ClassifierSpec, ConvBlock, build_autoencoder, build_classifier, encoder_pools, latent_shape,
+    AutoencoderSpec, ClassifierSpec, ConvBlock, ResidualAutoencoderSpec, ResNetSpec, ResStage, build_autoencoder,
+    build_classifier, build_residual_autoencoder, build_resnet, encoder_pools, latent_shape, model_latent_shape,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +78,43 @@ def test_colored_mnist_broken_head_is_reproduced():
     assert probabilities.shape == (4, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("filters, blocks, latent_channels, image, latent", [
+    ((32, 64, 128, 256, 256), (0, 1, 1, 1, 1), 8, (32, 32, 3), (2, 2, 8)),  # cifar10_cae_4pool's latent
+    ((32, 64, 128, 256), (0, 1, 1, 1), 8, (32, 32, 3), (4, 4, 8)),  # cifar10_cae_3pool's
+    ((32, 64, 128), (0, 1, 1), 32, (28, 28, 1), (7, 7, 32)),  # mnist_denoise's
+])
+def test_residual_autoencoder_keeps_the_seed_latent(filters, blocks, latent_channels, image, latent):
+    spec = ResidualAutoencoderSpec(filters, blocks, latent_channels)
+    assert model_latent_shape(spec, image) == latent
+    model, encoder = build_residual_autoencoder(spec, image)
+    assert encoder.output.shape[1:] == latent and model.output.shape[1:] == image
+    # the latent is the only path from encoder to decoder: no skip connection crosses it
+    assert model.get_layer("dec_stem_conv").input is encoder.output or \
+        model.get_layer("dec_stem_conv").input.shape[1:] == latent
+    adds = [layer.name for layer in model.layers if layer.name.endswith("_add")]
+    assert len(adds) == 2 * sum(blocks)
+
+
+def test_residual_autoencoder_refuses_mismatched_levels():
+    with pytest.raises(ValueError, match="blocks has 2 entries but filters has 3"):
+        model_latent_shape(ResidualAutoencoderSpec((8, 8, 8), (0, 1), 4), (28, 28, 1))
+    with pytest.raises(ValueError, match="3 poolings need image sides divisible by 8, got 28x28"):
+        model_latent_shape(ResidualAutoencoderSpec((8, 8, 8, 8), (0, 0, 0, 0), 4), (28, 28, 1))
+
+
+def test_resnet_augments_only_in_training():
+    spec = ResNetSpec(8, (ResStage(16, 1), ResStage(32, 0, pool=False)), num_classes=3, logit_scale=0.125,
+                      flip=True, translate=0.25)
+    model = build_resnet(spec, (8, 8, 3))
+    assert model.output.shape[1:] == (3,)
+    assert model.get_layer("logit_scale").get_config()["scale"] == 0.125
+    x = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
+    augment = keras.Model(model.input, model.get_layer("augment_translate").output)
+    assert np.array_equal(np.asarray(augment(x, training=False)), x)
+    assert not np.array_equal(np.asarray(augment(x, training=True)), x)
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), np.asarray(model(x, training=False)))
+
+
 BACKEND_PROBE = """
 import json, numpy as np, keras
 from stages.models import AutoencoderSpec, ClassifierSpec, ConvBlock, build_autoencoder, build_classifier
@@ -87,6 +126,16 @@ ae_loss = ae.fit(x, x, batch_size=8, epochs=1, verbose=0).history["loss"][-1]
 cnn = build_classifier(ClassifierSpec(conv=(ConvBlock(4),), dense=(8,), dropout=0.2, num_classes=3), (8, 8, 3))
 cnn.compile("rmsprop", "sparse_categorical_crossentropy")
 cnn_loss = cnn.fit(x, np.arange(32) % 3, batch_size=8, epochs=1, verbose=0).history["loss"][-1]
+from stages import recipes
+from stages.models import ResidualAutoencoderSpec, ResNetSpec, ResStage, build_residual_autoencoder, build_resnet
+res, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 1), 2), (8, 8, 3))
+res.compile(keras.optimizers.AdamW(recipes.WarmupCosine(1e-3, 8)), "binary_crossentropy")
+res_loss = res.fit(x, x, batch_size=8, epochs=2, verbose=0).history["loss"][-1]
+net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), 3, 0.1, 0.125, True, 0.25), (8, 8, 3))
+net.compile(keras.optimizers.SGD(recipes.OneCycle(0.1, 8), momentum=0.9, nesterov=True, weight_decay=5e-4),
+            recipes.SmoothedSparseCrossentropy(0.1, 3))
+net_loss = net.fit(x, np.arange(32) % 3, batch_size=8, epochs=2, verbose=0).history["loss"][-1]
+cnn_loss = max(cnn_loss, res_loss, net_loss) if all(np.isfinite([res_loss, net_loss])) else float("nan")
 print(json.dumps({"backend": keras.backend.backend(), "ae": float(ae_loss), "cnn": float(cnn_loss),
                   "out": list(ae.predict(x[:2], verbose=0).shape)}))
 """

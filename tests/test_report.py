@@ -70,9 +70,44 @@ def test_markdown_table_shows_gain_over_pca_seed_figure_and_noisy_input():
     ae_line = next(line for line in text.splitlines() if "**dae**" in line)
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", ae_line)[1:-1]]
     assert cells[0] == "**dae**"
-    assert cells[4:10] == ["23.50", "23.00", "21.25", "+2.25", "9.40", "0.900"]
+    assert cells[4:11] == ["23.50", "23.00", "21.25", "+2.25", "", "9.40", "0.900"]
     assert cells[-1] == "val_loss 0.1 \\| 10 epochs"  # a '|' in a figure does not break the table
-    assert "| **cnn** | prepared/digits (mnist) | 2 | 98.76% | 49.4% | 0.3000 |" in text
+    assert "| **cnn** | prepared/digits (mnist) | 2 | 98.76% |  | 49.4% |  | 0.3000 |" in text
+
+
+def _improved(base: dict, seed: str) -> dict:
+    return {**base, "improves_on": seed}
+
+
+def test_improved_experiments_show_their_gain_over_the_seed():
+    params = _params(seed_ae=_ae(), plus_ae=_improved(_ae(), "seed_ae"), cnn=_clf(), cnn_plus=_improved(_clf(), "cnn"))
+    metrics = {"seed_ae": _ae_metrics(23.0), "plus_ae": _ae_metrics(25.5), "cnn": _clf_metrics(0.71),
+               "cnn_plus": _clf_metrics(0.6825)}
+    rows = {r.name: r for r in build_rows(params.experiments, metrics)}
+    assert rows["plus_ae"].vs_seed == pytest.approx(2.5) and rows["seed_ae"].vs_seed is None
+    assert rows["cnn_plus"].vs_seed == pytest.approx(-2.75)
+    text = render_markdown(list(rows.values()))
+    assert "| +2.50 dB (seed_ae) |" in text and "| -2.75 pt (cnn) |" in text
+    page = render_html(list(rows.values()))
+    assert '<span class="up">+2.50 dB (seed_ae)</span>' in page
+    assert '<span class="down">-2.75 pt (cnn)</span>' in page
+    assert 'Improves on <a href="#cnn">cnn</a>' in page
+
+
+def test_colour_accuracy_column_for_colored_digits():
+    params = _params(cnn=_clf())
+    summary = _clf_metrics(0.5)
+    summary["test"].update({"colour_accuracy.red": 0.99, "colour_accuracy.green": 0.31, "colour_accuracy.blue": 0.2})
+    text = render_markdown(build_rows(params.experiments, {"cnn": summary}))
+    assert "| 99.0% / 31.0% / 20.0% |" in text
+
+
+def test_improves_on_must_name_another_experiment_of_the_same_task():
+    with pytest.raises(params_mod.ParamsError, match=r"experiments.plus.improves_on: 'seed_a' names no other "
+                                                     r"experiment \(did you mean 'seed_ae'\?\)"):
+        _params(seed_ae=_ae(), plus=_improved(_ae(), "seed_a"))
+    with pytest.raises(params_mod.ParamsError, match=r"'cnn' is a classifier, plus a autoencoder"):
+        _params(cnn=_clf(), plus=_improved(_ae(), "cnn"))
 
 
 def test_html_is_self_contained_escaped_and_embeds_images(tmp_path):

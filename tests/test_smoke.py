@@ -89,3 +89,29 @@ def test_missing_outputs_and_unfinished_runs_are_reported(tmp_path):
     assert "cnn.json: missing" in problems
     assert "reports/index.html: missing" in problems
     assert "MLflow: run stuck is RUNNING" in problems
+
+
+def test_the_red_only_robustness_check_is_judged_on_red_digits(tmp_path):
+    project = _project(tmp_path, mnist_psnr=16.7, cnn_accuracy=0.8)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["experiments"]["digits_red_only"] = params["experiments"]["cnn"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    test = {"accuracy": 0.2, "colour_accuracy.red": 0.2, "colour_accuracy.green": 0.2}
+    (project / "metrics" / "digits_red_only.json").write_text(json.dumps({"epochs": 2, "test": test}))
+    assert "digits_red_only: test accuracy 0.200 not above 0.25" in smoke.check(project, max_epochs=2)
+    test["colour_accuracy.red"] = 0.9
+    (project / "metrics" / "digits_red_only.json").write_text(json.dumps({"epochs": 2, "test": test}))
+    assert not any(p.startswith("digits_red_only") for p in smoke.check(project, max_epochs=2))
+    diff = _diff(digits_red_only={"test.accuracy": (0.5, 0.3)})
+    assert smoke.regressions(diff, psnr_db=0.5, accuracy=0.02) == []
+
+
+def test_skipped_experiments_and_their_improvements_leave_the_copy(tmp_path):
+    params = {"limits": {"max_epochs": None}, "experiments": {
+        "seed": {"task": "classifier"}, "seed_plus": {"task": "classifier", "improves_on": "seed"},
+        "slow": {"task": "classifier"}, "other": {"task": "autoencoder"}}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert smoke.drop_experiments(path, {"seed", "slow"}) == ["seed", "seed_plus", "slow"]
+    kept = yaml.safe_load(path.read_text())
+    assert list(kept["experiments"]) == ["other"] and kept["limits"] == {"max_epochs": None}

@@ -50,6 +50,19 @@ CLS = {
                  "batch_size": 16, "metrics": ["accuracy"]},
 }
 
+# beyond the seeds: batch norm, residual blocks, augmentation layers (their own
+# RNG), dropout, label smoothing, a one-cycle SGD schedule, flip TTA
+IMPROVED = {
+    "task": "classifier",
+    "data": {"input": "prepared/toy", "target": "prepared/toy"},
+    "model": {"kind": "resnet", "stem": 4, "stages": [{"filters": 8, "blocks": 1}], "dropout": 0.2,
+              "logit_scale": 0.5, "augment": {"flip": True, "translate": 0.2}},
+    "training": {"loss": "sparse_categorical_crossentropy", "optimizer": "sgd", "learning_rate": 0.05,
+                 "schedule": "one_cycle", "momentum": 0.9, "nesterov": True, "weight_decay": 0.0005,
+                 "label_smoothing": 0.1, "epochs": 3, "batch_size": 16, "metrics": ["accuracy"]},
+    "evaluation": {"flip_tta": True},
+}
+
 
 def _params(root: Path, experiments: dict, max_epochs=None) -> Path:
     params = {
@@ -129,6 +142,31 @@ def test_classifier_metrics_match_the_model(lab):
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
 
 
+def test_improved_classifier_trains_with_its_recipe_and_flip_tta(lab):
+    import keras
+
+    from stages import recipes
+    from stages.images import to_unit_float
+
+    _params(lab, {"plus": IMPROVED})
+    assert train_mod.main(["plus"]) == 0
+    assert evaluate_mod.main(["plus"]) == 0
+    model = keras.models.load_model(lab / "models/plus/model.keras")
+    assert isinstance(model.loss, recipes.SmoothedSparseCrossentropy) and model.loss.smoothing == 0.1
+    schedule = model.optimizer._learning_rate
+    assert isinstance(schedule, recipes.OneCycle) and schedule.total_steps == 3 * 6  # 96 images, batch 16
+    assert model.optimizer.nesterov and model.optimizer.weight_decay == pytest.approx(0.0005)
+    test = json.loads((lab / "metrics/plus.json").read_text())["test"]
+    data = _dataset().splits["test"]
+    x = to_unit_float(data.images)
+    plain = np.asarray(model.predict(x, verbose=0))
+    averaged = (plain + np.asarray(model.predict(x[:, :, ::-1], verbose=0))) / 2
+    assert test["accuracy_without_tta"] == pytest.approx(float((plain.argmax(1) == data.labels).mean()), abs=1e-6)
+    assert test["accuracy"] == pytest.approx(float((averaged.argmax(1) == data.labels).mean()), abs=1e-6)
+    run = _client().get_run(json.loads((lab / "models/plus/run.json").read_text())["run_id"])
+    assert run.data.params["training.schedule"] == "one_cycle" and run.data.params["model.kind"] == "resnet"
+
+
 def test_max_epochs_caps_training(lab):
     _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 5}}}, max_epochs=1)
     assert train_mod.main(["ae"]) == 0
@@ -178,10 +216,11 @@ def _toy_lab(root: Path, experiments: dict) -> Path:
 
 
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    """A real SIGKILL after epoch 2 of 6; the re-run resumes and ends bit-identical."""
+    """A real SIGKILL after epoch 2 of 6; the re-run resumes and ends bit-identical,
+    augmentation and dropout masks, batch norm statistics and schedule included."""
     import keras
 
-    experiment = {**CLS, "training": {**CLS["training"], "epochs": 6, "batch_size": 8}}
+    experiment = {**IMPROVED, "training": {**IMPROVED["training"], "epochs": 6, "batch_size": 8}}
     roots = {}
     for label in ("killed", "straight"):
         root = roots[label] = tmp_path / label
@@ -303,3 +342,12 @@ def test_a_model_that_does_not_fit_the_images_is_refused_before_training(lab, ca
     assert ("experiments.ae.model does not fit prepared/toy's 8x8x1 images: 4 poolings need image sides "
             "divisible by 16, got 8x8") in caplog.text
     assert not (lab / "models").exists() and not (lab / "checkpoints").exists()
+
+
+def test_colour_accuracy_groups_the_test_digits_by_their_channel():
+    from stages.corruptions import colorize_channel
+
+    grey = np.random.default_rng(0).integers(1, 256, (90, 6, 6, 1), dtype=np.uint8)
+    images, channels = colorize_channel(grey, np.random.default_rng(1), allowed=(0, 2))
+    correct = channels == 0  # every red digit right, every blue one wrong
+    assert evaluate_mod.colour_accuracy(images, correct) == {"colour_accuracy.red": 1.0, "colour_accuracy.blue": 0.0}

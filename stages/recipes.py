@@ -1,0 +1,92 @@
+"""Training parts beyond plain ``compile(optimizer="adam")``: learning-rate
+schedules and a label-smoothed sparse cross-entropy.
+
+Written with ``keras.ops`` only, so they run on TensorFlow and JAX alike, and
+registered as Keras serializables, so a saved model (and a checkpoint, with
+its optimizer state) loads again wherever ``stages.recipes`` is imported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+PACKAGE = "imagepipe"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from ``peak / div`` to ``peak`` over the first ``warmup``
+    fraction of ``total_steps``, then linear decay to ``peak / final_div``
+    (the one-cycle policy of the fast CIFAR-10 training recipes)."""
+
+    def __init__(self, peak: float, total_steps: int, warmup: float = 0.25, div: float = 25.0,
+                 final_div: float = 1e3):
+        self.peak, self.total_steps, self.warmup = float(peak), int(total_steps), float(warmup)
+        self.div, self.final_div = float(div), float(final_div)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        up = max(self.warmup * self.total_steps, 1.0)
+        down = max(self.total_steps - up, 1.0)
+        start, end = self.peak / self.div, self.peak / self.final_div
+        rising = start + (self.peak - start) * step / up
+        falling = self.peak + (end - self.peak) * ops.minimum((step - up) / down, 1.0)
+        return ops.where(step < up, rising, falling)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup": self.warmup, "div": self.div,
+                "final_div": self.final_div}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak`` over ``warmup`` of the steps, then cosine decay to 0."""
+
+    def __init__(self, peak: float, total_steps: int, warmup: float = 0.05):
+        self.peak, self.total_steps, self.warmup = float(peak), int(total_steps), float(warmup)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        up = max(self.warmup * self.total_steps, 1.0)
+        down = max(self.total_steps - up, 1.0)
+        progress = ops.clip((step - up) / down, 0.0, 1.0)
+        cosine = 0.5 * self.peak * (1.0 + ops.cos(math.pi * progress))
+        return ops.where(step < up, self.peak * (step + 1.0) / up, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup": self.warmup}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of probabilities against integer labels smoothed by
+    ``smoothing``: the true class gets ``1 - smoothing + smoothing / classes``,
+    every other class ``smoothing / classes`` (Keras' sparse cross-entropy has
+    no label smoothing)."""
+
+    def __init__(self, smoothing: float = 0.1, num_classes: int = 10, name: str = "smoothed_sparse_crossentropy",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.smoothing, self.num_classes = float(smoothing), int(num_classes)
+
+    def call(self, y_true, y_pred):
+        labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        target = ops.one_hot(labels, self.num_classes) * (1.0 - self.smoothing) + self.smoothing / self.num_classes
+        return keras.losses.categorical_crossentropy(target, ops.cast(y_pred, "float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing, "num_classes": self.num_classes}
+
+
+def schedule(kind: str, peak: float, total_steps: int, warmup: float | None):
+    """The learning rate for ``optimizer.learning_rate``: a constant or a schedule."""
+    if kind == "constant":
+        return peak
+    if kind == "one_cycle":
+        return OneCycle(peak, total_steps, 0.25 if warmup is None else warmup)
+    if kind == "cosine":
+        return WarmupCosine(peak, total_steps, 0.05 if warmup is None else warmup)
+    raise ValueError(f"unknown schedule {kind!r}")
