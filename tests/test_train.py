@@ -351,3 +351,29 @@ def test_colour_accuracy_groups_the_test_digits_by_their_channel():
     images, channels = colorize_channel(grey, np.random.default_rng(1), allowed=(0, 2))
     correct = channels == 0  # every red digit right, every blue one wrong
     assert evaluate_mod.colour_accuracy(images, correct) == {"colour_accuracy.red": 1.0, "colour_accuracy.blue": 0.0}
+
+
+def test_colorization_scores_the_grey_input_as_its_baseline(lab):
+    from stages import corruptions, metrics
+    from stages.images import to_unit_float
+
+    colour = _dataset(shape=(8, 8, 3))
+    save(lab / "data/prepared/toy.npz", colour)
+    grey = DatasetFile({k: Split(corruptions.grayscale(v.images), v.labels) for k, v in colour.splits.items()},
+                       colour.class_names, colour.meta)
+    save(lab / "data/prepared/grey.npz", grey)
+    experiment = {"task": "autoencoder", "data": {"input": "prepared/grey", "target": "prepared/toy"},
+                  "model": {"kind": "residual_autoencoder", "filters": [4, 8], "blocks": [1, 1],
+                            "latent_channels": 4},
+                  "training": {"loss": "mse", "optimizer": "adamw", "learning_rate": 0.003, "schedule": "cosine",
+                               "epochs": 2, "batch_size": 16}}
+    params = yaml.safe_load(_params(lab, {"colorize": experiment}).read_text())
+    params["datasets"]["grey"] = params["datasets"]["toy"]
+    (lab / "params.yaml").write_text(yaml.safe_dump(params))
+    assert train_mod.main(["colorize"]) == 0
+    assert evaluate_mod.main(["colorize"]) == 0
+    test = json.loads((lab / "metrics/colorize.json").read_text())["test"]
+    target, source = (to_unit_float(d.splits["test"].images) for d in (colour, grey))
+    assert test["psnr_input"] == pytest.approx(metrics.psnr(target, source), abs=1e-4)
+    assert test["ssim_input"] == pytest.approx(metrics.ssim(target, source), abs=1e-5)
+    assert test["latent_size"] == 4 * 4 * 4 and test["compression_ratio"] == pytest.approx(3.0)
