@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,20 +46,30 @@ class TrainingDiverged(PipelineError):
 
 
 class NanGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss and remembers where."""
+    """Stops training at the first non-finite loss and remembers where.
+
+    ``async_safe``: Keras then calls the batch hook from a thread pool, so the
+    training loop does not wait for each batch's loss to reach the host (a
+    sync per step on a GPU); a NaN stops training a few batches later at most,
+    and the earliest batch that had one is the one reported.
+    """
+
+    async_safe = True
 
     def __init__(self):
         super().__init__()
         self.epoch = 0
         self.hit: tuple[int, int] | None = None
+        self._lock = threading.Lock()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        self.epoch = epoch  # batch hooks of the previous epoch have all run (Keras waits at epoch end)
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.hit = (self.epoch + 1, batch + 1)
+            with self._lock:
+                self.hit = min(self.hit or (math.inf, math.inf), (self.epoch + 1, batch + 1))
             self.model.stop_training = True
 
 
