@@ -31,7 +31,6 @@ from stages.models import model_latent_shape  # noqa: E402
 log = logging.getLogger("stages.evaluate")
 
 GRID_IMAGES = 10
-PCA_TRAIN = 20_000
 
 
 def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -52,7 +51,7 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     image = np.clip(output, 0.0, 1.0)
     latent = model_latent_shape(exp.model.spec(), target.shape[1:])
     train_targets = data.split(*exp.data.train_on.split("+")).y
-    rows = np.sort(np.random.default_rng(0).permutation(len(train_targets))[:PCA_TRAIN])
+    rows = metrics.pca_rows(len(train_targets))
     latent_size = int(np.prod(latent))
     image_mse = per_image_mse(target, image)
     denoising = exp.data.input != exp.data.target

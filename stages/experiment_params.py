@@ -92,12 +92,21 @@ class ResidualAutoencoder(_Strict):
     blocks: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)]  # residual blocks per level
     latent_channels: Positive
     output_activation: Literal["sigmoid", "linear"] = "sigmoid"
+    # a frozen PCA encoder/decoder beside the conv ones, which learn corrections to it
+    linear_path: bool = False
+    # output = input + the decoder's correction (corruption tasks: colorization, denoising)
+    input_skip: bool = False
 
     @model_validator(mode="after")
     def _one_per_level(self) -> "ResidualAutoencoder":
         if len(self.blocks) != len(self.filters):
             raise ValueError(f"blocks has {len(self.blocks)} entries, filters {len(self.filters)}: "
                              "give one block count per level")
+        if self.linear_path and self.input_skip:
+            raise ValueError("linear_path and input_skip are alternatives: choose one")
+        if (self.linear_path or self.input_skip) and self.output_activation != "linear":
+            raise ValueError("linear_path and input_skip add a correction to an image: "
+                             "they need output_activation: linear")
         return self
 
     @property
@@ -108,7 +117,7 @@ class ResidualAutoencoder(_Strict):
         from stages.models import ResidualAutoencoderSpec
 
         return ResidualAutoencoderSpec(tuple(self.filters), tuple(self.blocks), self.latent_channels,
-                                       self.output_activation)
+                                       self.output_activation, self.linear_path, self.input_skip)
 
 
 class Block(_Strict):
@@ -198,4 +207,11 @@ class Experiment(_Strict):
             raise ValueError("training.label_smoothing applies to classifiers")
         if autoencoder and self.evaluation.flip_tta:
             raise ValueError("evaluation.flip_tta applies to classifiers")
+        corrects = getattr(self.model, "linear_path", False) or getattr(self.model, "input_skip", False)
+        if corrects and self.training.loss != "mse":
+            raise ValueError(f"model.linear_path and model.input_skip have an unbounded (linear) output: "
+                             f"they need training.loss mse, not '{self.training.loss}'")
+        if getattr(self.model, "input_skip", False) and self.data.input == self.data.target:
+            raise ValueError("model.input_skip would copy the input past the bottleneck: it needs a corrupted "
+                             f"data.input, but input and target are both {self.data.input}")
         return self

@@ -191,38 +191,36 @@ def psnr_from_mse(per_image_mse: np.ndarray, data_range: float = 1.0, pooled: bo
     return float(np.mean(10.0 * np.log10(data_range**2 / per_image_mse)))
 
 
-def pca_reconstruction_mse(
-    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0,
-    test_inputs: np.ndarray | None = None,
-) -> np.ndarray:
-    """Per-image test MSE of a PCA reconstruction with ``n_components`` components.
+PCA_TRAIN = 20_000  # train images a PCA is fitted on (the baseline and a linear_path model's start)
 
-    With ``test_inputs`` (the corrupted images of a denoising task) those are
-    projected instead and the reconstruction is scored against ``test``: the
-    linear denoiser of the same latent size. At full rank it is the identity,
-    so it then scores exactly like the corrupted input.
 
-    The linear baseline for an autoencoder whose latent has the same number of
-    values: mean-centred PCA fitted on at most ``max_train`` flattened train
-    images (a seeded subsample), test images projected, reconstructed and
-    clipped to [0, 1]. The covariance is accumulated in float64 chunk by chunk
-    (never a float64 copy of the whole train set) and only the top
-    eigenvectors are computed.
+def pca_rows(n_images: int, max_train: int = PCA_TRAIN, seed: int = 0) -> np.ndarray:
+    """The seeded, sorted subsample of train images that PCAs are fitted on."""
+    return np.sort(np.random.default_rng(seed).permutation(n_images)[:max_train])
+
+
+def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-centred PCA of flattened images: ``(mean, vectors)`` in float64,
+    ``vectors`` of shape (values per image, ``n_components``), orthonormal columns.
+
+    Fitted on at most ``max_train`` images (a seeded subsample); the
+    covariance is accumulated chunk by chunk (never a float64 copy of the
+    whole train set) and only the top eigenvectors are computed.
     """
-    train, test = np.asarray(train), np.asarray(test)
+    train = np.asarray(train)
+    if train.ndim < 2:
+        raise ValueError(f"PCA needs a batch of images, got shape {train.shape}")
     dim = _per_image_values(train)
-    if train.ndim < 2 or test.ndim < 2 or _per_image_values(test) != dim:
-        raise ValueError(f"train {train.shape} and test {test.shape} images differ in shape")
     if not 1 <= n_components <= dim:
         raise ValueError(f"n_components must be in [1, {dim}], got {n_components}")
-    if len(train) < 2 or len(test) == 0:
-        raise ValueError("PCA needs at least 2 train and 1 test images")
+    if len(train) < 2:
+        raise ValueError("PCA needs at least 2 train images")
     if len(train) > max_train:
         rows = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
     else:
         rows = np.arange(len(train))
     flat = train.reshape(len(train), dim)
-
     mean = np.zeros(dim, np.float64)
     for part in _chunks(len(rows), dim):
         mean += np.sum(flat[rows[part]], axis=0, dtype=np.float64)
@@ -233,7 +231,32 @@ def pca_reconstruction_mse(
         cov += centred.T @ centred
     cov /= len(rows)
     _, vectors = sla.eigh(cov, subset_by_index=[dim - n_components, dim - 1], overwrite_a=True)
-    del cov
+    logger.debug("PCA: %d components, %d train images, dim %d", n_components, len(rows), dim)
+    return mean, vectors[:, ::-1].copy()  # largest variance first
+
+
+def pca_reconstruction_mse(
+    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0,
+    test_inputs: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-image test MSE of a PCA reconstruction with ``n_components`` components.
+
+    The linear baseline for an autoencoder whose latent has the same number of
+    values: :func:`pca_fit` on the train images, test images projected,
+    reconstructed and clipped to [0, 1].
+
+    With ``test_inputs`` (the corrupted images of a denoising task) those are
+    projected instead and the reconstruction is scored against ``test``: the
+    linear denoiser of the same latent size. At full rank it is the identity,
+    so it then scores exactly like the corrupted input.
+    """
+    train, test = np.asarray(train), np.asarray(test)
+    dim = _per_image_values(train)
+    if train.ndim < 2 or test.ndim < 2 or _per_image_values(test) != dim:
+        raise ValueError(f"train {train.shape} and test {test.shape} images differ in shape")
+    if len(test) == 0:
+        raise ValueError("PCA needs at least 1 test image")
+    mean, vectors = pca_fit(train, n_components, max_train, seed)
 
     test_flat = test.reshape(len(test), dim)
     if test_inputs is None:
@@ -249,7 +272,6 @@ def pca_reconstruction_mse(
         codes = (input_flat[part].astype(np.float64) - mean) @ vectors
         recon = np.clip(codes @ vectors.T + mean, 0.0, 1.0)
         errors[part] = np.mean((original - recon) ** 2, axis=1)
-    logger.debug("PCA baseline: %d components, %d train images, dim %d", n_components, len(rows), dim)
     return errors
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers
 
 
@@ -122,12 +123,23 @@ class ResidualAutoencoderSpec:
     The encoder halves the image with stride-2 convs, the bottleneck is a
     linear 1x1 conv to ``latent_channels`` (so the latent has the seed
     model's shape), and the decoder doubles back with transposed convs.
+
+    ``linear_path``: a frozen linear encoder and decoder beside the conv ones
+    (set to PCA of the training images by :func:`init_linear_path`); the conv
+    encoder adds to the PCA codes and the conv decoder adds a correction to
+    the PCA reconstruction, both starting at zero, so training starts from
+    the linear optimum at this latent size instead of from noise.
+    ``input_skip``: the output is the input plus the conv decoder's
+    correction (for corruption tasks such as colorization, where the input
+    already holds most of the target).
     """
 
     filters: tuple[int, ...]
     blocks: tuple[int, ...]
     latent_channels: int
     output_activation: str = "sigmoid"
+    linear_path: bool = False
+    input_skip: bool = False
 
     @property
     def poolings(self) -> int:
@@ -176,13 +188,28 @@ def residual_latent_shape(spec: ResidualAutoencoderSpec, image_shape) -> tuple[i
     if len(spec.blocks) != len(spec.filters):
         raise ValueError(f"blocks has {len(spec.blocks)} entries but filters has {len(spec.filters)}: one per level")
     shape = latent_shape(AutoencoderSpec(spec.filters, spec.poolings), image_shape)
-    return shape[:2] + (spec.latent_channels,)
+    shape = shape[:2] + (spec.latent_channels,)
+    if spec.linear_path or spec.input_skip:
+        if spec.output_activation != "linear":
+            raise ValueError("linear_path and input_skip add a correction to an image: "
+                             f"they need output_activation linear, not {spec.output_activation}")
+        if spec.linear_path and spec.input_skip:
+            raise ValueError("linear_path and input_skip are alternatives: choose one")
+    values = int(image_shape[0] * image_shape[1] * image_shape[2])
+    if spec.linear_path and shape[0] * shape[1] * shape[2] > values:
+        raise ValueError(f"linear_path needs a latent of at most the image's {values} values, "
+                         f"got {'x'.join(map(str, shape))}")
+    return shape
+
+
+LINEAR_ENCODER, LINEAR_DECODER = "linear_encoder", "linear_decoder"
 
 
 def build_residual_autoencoder(spec: ResidualAutoencoderSpec, image_shape: tuple[int, int, int],
                                name: str = "autoencoder"):
     """Return (autoencoder, encoder) Keras models."""
-    residual_latent_shape(spec, image_shape)
+    shape = residual_latent_shape(spec, image_shape)
+    residual_head = dict(kernel_initializer="zeros") if spec.linear_path or spec.input_skip else {}
     inputs = keras.Input(shape=image_shape, name="image")
     x = _conv_bn(inputs, spec.filters[0], "enc_stem")
     for level, (filters, blocks) in enumerate(zip(spec.filters, spec.blocks)):
@@ -190,7 +217,11 @@ def build_residual_autoencoder(spec: ResidualAutoencoderSpec, image_shape: tuple
             x = _conv_bn(x, filters, f"enc_down{level}", strides=2)
         for block in range(blocks):
             x = _residual(x, filters, f"enc{level}_res{block}")
-    latent = layers.Conv2D(spec.latent_channels, 1, name="latent")(x)
+    latent = layers.Conv2D(spec.latent_channels, 1, name="latent", **residual_head)(x)
+    if spec.linear_path:  # float32: PCA's small trailing components would drown in bf16 rounding
+        codes = layers.Dense(shape[0] * shape[1] * shape[2], trainable=False, dtype="float32",
+                             name=LINEAR_ENCODER)(layers.Flatten(name="linear_flatten")(inputs))
+        latent = layers.Add(name="latent_sum", dtype="float32")([layers.Reshape(shape, name="codes")(codes), latent])
     x = _conv_bn(latent, spec.filters[-1], "dec_stem")
     for level in reversed(range(len(spec.filters))):
         for block in range(spec.blocks[level]):
@@ -200,9 +231,35 @@ def build_residual_autoencoder(spec: ResidualAutoencoderSpec, image_shape: tuple
                                        name=f"dec_up{level}_conv")(x)
             x = layers.Activation("relu", name=f"dec_up{level}_relu")(
                 layers.BatchNormalization(name=f"dec_up{level}_bn")(x))
-    outputs = layers.Conv2D(image_shape[2], 3, padding="same", activation=spec.output_activation,
-                            name="reconstruction", dtype="float32")(x)
+    if not (spec.linear_path or spec.input_skip):
+        outputs = layers.Conv2D(image_shape[2], 3, padding="same", activation=spec.output_activation,
+                                name="reconstruction", dtype="float32")(x)
+        return keras.Model(inputs, outputs, name=name), keras.Model(inputs, latent, name=f"{name}_encoder")
+    correction = layers.Conv2D(image_shape[2], 3, padding="same", name="correction", dtype="float32",
+                               **residual_head)(x)
+    if spec.linear_path:
+        flat = layers.Dense(int(np.prod(image_shape)), trainable=False, dtype="float32", name=LINEAR_DECODER)(
+            layers.Flatten(name="latent_flatten")(latent))
+        base = layers.Reshape(image_shape, name="linear_image")(flat)
+    else:
+        base = inputs
+    outputs = layers.Add(name="reconstruction", dtype="float32")([base, correction])
     return keras.Model(inputs, outputs, name=name), keras.Model(inputs, latent, name=f"{name}_encoder")
+
+
+def init_linear_path(model: keras.Model, mean: np.ndarray, vectors: np.ndarray) -> None:
+    """Set a ``linear_path`` autoencoder's linear encoder and decoder to a PCA
+    (``mean`` of the flattened images, ``vectors`` as columns, see
+    :func:`stages.metrics.pca_fit`): codes = (x - mean) @ vectors,
+    image = codes @ vectors.T + mean."""
+    encoder, decoder = model.get_layer(LINEAR_ENCODER), model.get_layer(LINEAR_DECODER)
+    vectors = np.asarray(vectors, np.float32)
+    mean = np.asarray(mean, np.float32)
+    expected = tuple(encoder.kernel.shape)
+    if vectors.shape != expected:
+        raise ValueError(f"PCA vectors {vectors.shape} do not fit the linear encoder {expected}")
+    encoder.set_weights([vectors, -(mean @ vectors)])
+    decoder.set_weights([vectors.T.copy(), mean])
 
 
 def build_resnet(spec: ResNetSpec, image_shape: tuple[int, int, int], name: str = "classifier"):
@@ -235,6 +292,10 @@ def model_latent_shape(spec, image_shape) -> tuple[int, int, int]:
     if isinstance(spec, ResidualAutoencoderSpec):
         return residual_latent_shape(spec, image_shape)
     return latent_shape(spec, image_shape)
+
+
+def has_linear_path(spec) -> bool:
+    return isinstance(spec, ResidualAutoencoderSpec) and spec.linear_path
 
 
 def build_any_autoencoder(spec, image_shape, name: str = "autoencoder"):

@@ -28,12 +28,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stages import atomic, cli, distribution, params as params_mod, recipes, tracking  # noqa: E402
+from stages import atomic, cli, distribution, metrics, params as params_mod, recipes, tracking  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.models import build_any_autoencoder, build_any_classifier  # noqa: E402
+from stages.models import (LINEAR_ENCODER, build_any_autoencoder, build_any_classifier,  # noqa: E402
+                           has_linear_path, init_linear_path)
 
 log = logging.getLogger("stages.train")
 
@@ -103,10 +104,20 @@ def loss_for(t, num_classes: int):
     return LOSSES[t.loss]
 
 
-def build(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_epoch: int, epochs: int) -> keras.Model:
+def build(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_epoch: int, epochs: int,
+          train_targets: np.ndarray | None = None) -> keras.Model:
+    """The compiled model; a ``linear_path`` autoencoder starts from the PCA of
+    ``train_targets`` (uint8), fitted on the same images as evaluate's baseline."""
     try:
         if exp.task == "autoencoder":
-            model, _ = build_any_autoencoder(exp.model.spec(), image_shape)
+            spec = exp.model.spec()
+            model, _ = build_any_autoencoder(spec, image_shape)
+            if has_linear_path(spec):
+                if train_targets is None:
+                    raise ValueError("linear_path needs the training images to fit its PCA")
+                mean, vectors = metrics.pca_fit(to_unit_float(train_targets[metrics.pca_rows(len(train_targets))]),
+                                                model.get_layer(LINEAR_ENCODER).units)
+                init_linear_path(model, mean, vectors)
         else:
             model = build_any_classifier(exp.model.spec(num_classes), image_shape)
     except ValueError as exc:  # the model does not fit these images (sizes known only after prepare)
@@ -279,7 +290,8 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
         else:
             steps_per_epoch = math.ceil(len(train_arrays) / exp.training.batch_size)
-            model = build(name, exp, image_shape, len(data.class_names), steps_per_epoch, epochs)
+            model = build(name, exp, image_shape, len(data.class_names), steps_per_epoch, epochs,
+                          train_arrays.y)
             if state:
                 log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
         log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s, %d replica(s)",

@@ -11,7 +11,8 @@ import pytest
 
 from stages.models import (
     AutoencoderSpec, ClassifierSpec, ConvBlock, ResidualAutoencoderSpec, ResNetSpec, ResStage, build_autoencoder,
-    build_classifier, build_residual_autoencoder, build_resnet, encoder_pools, latent_shape, model_latent_shape,
+    build_classifier, build_residual_autoencoder, build_resnet, encoder_pools, init_linear_path, latent_shape,
+    model_latent_shape,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,56 @@ def test_residual_autoencoder_refuses_mismatched_levels():
         model_latent_shape(ResidualAutoencoderSpec((8, 8, 8, 8), (0, 0, 0, 0), 4), (28, 28, 1))
 
 
+def _low_rank_images(n, shape=(8, 8, 1), rank=6, seed=0):
+    rng = np.random.default_rng(seed)
+    flat = rng.random((n, rank)) @ rng.random((rank, int(np.prod(shape)))) / rank
+    return np.clip(flat + 0.05 * rng.standard_normal(flat.shape), 0, 1).reshape(n, *shape).astype(np.float32)
+
+
+def test_linear_path_starts_at_pca_and_stays_frozen():
+    from stages import metrics
+
+    train, test = _low_rank_images(300), _low_rank_images(50, seed=1)
+    spec = ResidualAutoencoderSpec((4, 8), (0, 1), 2, "linear", linear_path=True)
+    model, encoder = build_residual_autoencoder(spec, (8, 8, 1))
+    mean, vectors = metrics.pca_fit(train, 4 * 4 * 2)
+    init_linear_path(model, mean, vectors)
+    flat = test.reshape(50, -1).astype(np.float64)
+    codes = (flat - mean) @ vectors
+    np.testing.assert_allclose(encoder.predict(test, verbose=0).reshape(50, -1), codes, atol=1e-5)
+    np.testing.assert_allclose(model.predict(test, verbose=0).reshape(50, -1), codes @ vectors.T + mean, atol=1e-5)
+    frozen = [w.copy() for w in model.get_layer("linear_decoder").get_weights()]
+    model.compile("adam", "mse")
+    start = model.evaluate(train, train, verbose=0)
+    model.fit(train, train, batch_size=30, epochs=3, verbose=0)
+    for before, after in zip(frozen, model.get_layer("linear_decoder").get_weights()):
+        np.testing.assert_array_equal(before, after)
+    assert any(np.abs(w).max() > 0 for w in model.get_layer("correction").get_weights())  # the conv part learned
+    assert np.isfinite(start) and start > 0
+
+
+def test_input_skip_starts_as_the_identity():
+    x = _low_rank_images(4, (8, 8, 3))
+    model, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 0), 2, "linear", input_skip=True),
+                                          (8, 8, 3))
+    np.testing.assert_array_equal(model.predict(x, verbose=0), x)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (ResidualAutoencoderSpec((4, 8), (0, 0), 2, linear_path=True), "need output_activation linear, not sigmoid"),
+    (ResidualAutoencoderSpec((4, 8), (0, 0), 2, "linear", linear_path=True, input_skip=True), "choose one"),
+    (ResidualAutoencoderSpec((4,), (0,), 2, "linear", linear_path=True),
+     "linear_path needs a latent of at most the image's 64 values, got 8x8x2"),
+])
+def test_correcting_autoencoders_refuse_what_cannot_work(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_residual_autoencoder(spec, (8, 8, 1))
+    with pytest.raises(ValueError):
+        init_linear_path(build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (0, 0), 2, "linear",
+                                                                            linear_path=True), (8, 8, 1))[0],
+                         np.zeros(64), np.zeros((64, 3)))
+
+
 def test_resnet_augments_only_in_training():
     spec = ResNetSpec(8, (ResStage(16, 1), ResStage(32, 0, pool=False)), num_classes=3, logit_scale=0.125,
                       flip=True, translate=0.25)
@@ -131,6 +182,12 @@ from stages.models import ResidualAutoencoderSpec, ResNetSpec, ResStage, build_r
 res, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 1), 2), (8, 8, 3))
 res.compile(keras.optimizers.AdamW(recipes.WarmupCosine(1e-3, 8)), "binary_crossentropy")
 res_loss = res.fit(x, x, batch_size=8, epochs=2, verbose=0).history["loss"][-1]
+from stages import metrics
+from stages.models import init_linear_path
+lin, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (0, 1), 2, "linear", linear_path=True), (8, 8, 3))
+init_linear_path(lin, *metrics.pca_fit(x, 32))
+lin.compile("adam", "mse")
+res_loss = max(res_loss, lin.fit(x, x, batch_size=8, epochs=1, verbose=0).history["loss"][-1])
 net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), 3, 0.1, 0.125, True, 0.25), (8, 8, 3))
 net.compile(keras.optimizers.SGD(recipes.OneCycle(0.1, 8), momentum=0.9, nesterov=True, weight_decay=5e-4),
             recipes.SmoothedSparseCrossentropy(0.1, 3))

@@ -94,6 +94,14 @@ AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "pre
         ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8, 8, 8], "blocks": [0, 0, 0, 0],
                                   "latent_channels": 4},
          "experiments.ae.model.poolings = 3: 3 poolings need image sides divisible by 8"),
+        ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0],
+                                  "latent_channels": 4, "linear_path": True},
+         "'experiments.ae.model': linear_path and input_skip add a correction to an image: "
+         "they need output_activation: linear"),
+        ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0],
+                                  "latent_channels": 4, "linear_path": True, "output_activation": "linear"},
+         "'experiments.ae': model.linear_path and model.input_skip have an unbounded (linear) output: "
+         "they need training.loss mse, not 'bce'"),
         ("experiments.ae.model", {"kind": "resnet", "stem": 8, "stages": [{"filters": 8}]},
          "task 'autoencoder' does not match model kind 'resnet'"),
         ("corruptions.noisy", {"dataset": "mnist", "kind": "colorize", "train_channels": ["red", "red"]},
@@ -107,6 +115,17 @@ def test_bad_experiment_values_name_key_and_value(path, value, message):
         params.parse(_with(path, value, {**GOOD, "experiments": {"ae": AE}}))
     assert message in str(err.value)
     assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
+def test_input_skip_needs_a_corrupted_input():
+    skip = {**AE, "data": {"input": "prepared/mnist", "target": "prepared/mnist"},
+            "model": {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0], "latent_channels": 4,
+                      "output_activation": "linear", "input_skip": True},
+            "training": {**AE["training"], "loss": "mse"}}
+    with pytest.raises(ParamsError, match="model.input_skip would copy the input past the bottleneck: it needs a "
+                                          "corrupted data.input, but input and target are both prepared/mnist"):
+        params.parse({**GOOD, "experiments": {"ae": skip}})
+    params.parse({**GOOD, "experiments": {"ae": {**skip, "data": AE["data"]}}})
 
 
 def test_poolings_of_an_image_folder_are_checked_when_its_size_is_known():

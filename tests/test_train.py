@@ -344,6 +344,19 @@ def test_a_model_that_does_not_fit_the_images_is_refused_before_training(lab, ca
     assert not (lab / "models").exists() and not (lab / "checkpoints").exists()
 
 
+def test_a_linear_path_autoencoder_starts_where_the_pca_baseline_is(lab):
+    """train fits its PCA on the same images as evaluate's baseline: barely trained, the two score alike."""
+    experiment = {**AE, "model": {"kind": "residual_autoencoder", "filters": [4, 8], "blocks": [0, 1],
+                                  "latent_channels": 2, "output_activation": "linear", "linear_path": True},
+                  "training": {"loss": "mse", "learning_rate": 1e-7, "epochs": 1, "batch_size": 16}}
+    _params(lab, {"lin": experiment})
+    assert train_mod.main(["lin"]) == 0
+    assert evaluate_mod.main(["lin"]) == 0
+    test = json.loads((lab / "metrics/lin.json").read_text())["test"]
+    assert test["latent_size"] == 32
+    assert test["psnr"] == pytest.approx(test["pca_baseline_psnr"], abs=0.01)
+
+
 def test_colour_accuracy_groups_the_test_digits_by_their_channel():
     from stages.corruptions import colorize_channel
 
