@@ -120,7 +120,8 @@ def main() -> int:
     configure_backend(exp.training.seed, exp.training.mixed_precision)
 
     def model_for(batch_size: int, images: int):
-        return build(args.experiment, exp, x.shape[1:], len(data.class_names), math.ceil(images / batch_size), 1)
+        return build(args.experiment, exp, x.shape[1:], len(data.class_names), math.ceil(images / batch_size), 1,
+                     train.y[:count] if exp.task == "autoencoder" else None)  # a linear_path's PCA
 
     backend = keras.backend.backend()
     versions = {"keras": keras.__version__, "backend": backend}

@@ -1,9 +1,6 @@
-"""benchmarks/bench_scaling.py: the line it fits through epoch times, and a tiny real run."""
+"""benchmarks/bench_scaling.py: the line it fits through epoch times (its runs need the real data)."""
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

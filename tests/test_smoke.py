@@ -107,11 +107,15 @@ def test_the_red_only_robustness_check_is_judged_on_red_digits(tmp_path):
 
 
 def test_skipped_experiments_and_their_improvements_leave_the_copy(tmp_path):
-    params = {"limits": {"max_epochs": None}, "experiments": {
-        "seed": {"task": "classifier"}, "seed_plus": {"task": "classifier", "improves_on": "seed"},
-        "slow": {"task": "classifier"}, "other": {"task": "autoencoder"}}}
+    params = {"limits": {"max_epochs": None},
+              "corruptions": {"grey": {"kind": "grayscale"}, "noisy": {"kind": "gaussian"}},
+              "experiments": {
+                  "seed": {"task": "classifier"}, "seed_plus": {"task": "classifier", "improves_on": "seed"},
+                  "slow": {"task": "autoencoder", "data": {"input": "corrupted/grey", "target": "prepared/x"}},
+                  "other": {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "prepared/x"}}}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    assert smoke.drop_experiments(path, {"seed", "slow"}) == ["seed", "seed_plus", "slow"]
+    assert smoke.drop_experiments(path, {"seed", "slow"}) == ["seed", "seed_plus", "slow", "corruptions.grey"]
     kept = yaml.safe_load(path.read_text())
     assert list(kept["experiments"]) == ["other"] and kept["limits"] == {"max_epochs": None}
+    assert list(kept["corruptions"]) == ["noisy"]
