@@ -14,10 +14,23 @@ Printed and saved (benchmarks/results/bench_train.json): training images/s
 fastest of them, less sensitive to a noisy shared machine), the median epoch
 time, the stage's wall time, evaluate's wall time, each process's peak
 resident memory, and the ratio ours/seed, with machine, backend, versions and
-date. Needs ``data/prepared/<dataset>.npz`` (``dvc repro prepare``).
+date. Needs ``data/prepared/<dataset>.npz`` (``dvc repro prepare``), and the
+corrupted file for experiments that train on one.
+
+``--interleave`` measures the ratio on a shared machine whose speed drifts
+from minute to minute: the seed's script and our train stage start side by
+side and take turns, one epoch each (the order alternating every round, so
+a steady drift cancels), and the ratio is taken round by round from epochs
+that ran seconds apart. The first round (compiling, the other process still
+starting) and the last (each process's exit work) are left out. The stage
+waits for its turn where it calls ``Model.fit``, once per epoch (the
+wrapper adds that wait; everything else is the stage as DVC runs it), so a
+turn holds all its per-epoch work: scaling the epoch's images, the epoch,
+the validation pass, the checkpoint and the MLflow batch.
 
     python benchmarks/bench_train.py                      # mnist_cae and cifar10_cnn
     python benchmarks/bench_train.py --experiments mnist_cae --fraction 1 --epochs 3
+    python benchmarks/bench_train.py --interleave --epochs 10 --experiments mnist_denoise
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from hostinfo import host  # noqa: E402 (benchmarks/, this script's folder)
 
@@ -80,20 +93,40 @@ def subset(source: Path, dest: Path, fraction: float) -> dict[str, int]:
     kept = {name: max(1, int(len(s) * fraction)) for name, s in data.splits.items()}
     splits = {name: Split(s.images[:kept[name]], s.labels[:kept[name]]) for name, s in data.splits.items()}
     counts = {name: len(s) for name, s in splits.items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
     save(dest, DatasetFile(splits, data.class_names, {**data.meta, "counts": counts}))
     return counts
 
 
-def ours(name: str, params: dict, data_file: Path, epochs: int, work: Path, env: dict) -> dict:
-    """The train and evaluate stages in a scratch project."""
+def data_files(exp: dict, work: Path, fraction: float) -> tuple[dict[str, Path], dict[str, int]]:
+    """The subsets of the experiment's input and target files (one file when
+    they are the same), keyed by their refs, and the input's split sizes."""
+    files, counts = {}, {}
+    for ref in dict.fromkeys([exp["data"]["input"], exp["data"]["target"]]):
+        source = ROOT / "data" / f"{ref}.npz"
+        if not source.is_file():
+            raise SystemExit(f"bench_train: {source} not found; run dvc repro first (prepare, corrupt)")
+        files[ref] = work / "data" / f"{ref}.npz"
+        split_sizes = subset(source, files[ref], fraction)
+        counts = counts or split_sizes
+    return files, counts
+
+
+def scratch_project(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path) -> Path:
     project = work / "ours"
     shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     exp = params["experiments"][name]
     scratch = {**params, "limits": {"max_epochs": epochs, "max_samples": None}, "experiments": {name: exp}}
     (project / "params.yaml").write_text(yaml.safe_dump(scratch, sort_keys=False))
-    for ref in {exp["data"]["input"], exp["data"]["target"]}:
+    for ref, path in files.items():
         (project / "data" / ref).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(data_file, project / "data" / f"{ref}.npz")
+        shutil.copy(path, project / "data" / f"{ref}.npz")
+    return project
+
+
+def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path, env: dict) -> dict:
+    """The train and evaluate stages in a scratch project."""
+    project = scratch_project(name, params, files, epochs, work)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     train_s, train_rss, text = timed([sys.executable, "-m", "stages.train", name], project, env)
     epoch_s = [float(seconds) for _, seconds in EPOCH_LINE.findall(text)]
@@ -104,25 +137,58 @@ def ours(name: str, params: dict, data_file: Path, epochs: int, work: Path, env:
 
 # --- the seed scripts, as plain Keras --------------------------------------
 
+# experiment -> the question whose script trains its model
+SEEDS = {"mnist_cae": "mnist_cae", "fashion_mnist_cae": "mnist_cae", "mnist_denoise": "mnist_denoise",
+         "cifar10_cae_4pool": "cifar10_cae_4pool", "cifar10_cae_3pool": "cifar10_cae_3pool",
+         "cifar10_cnn": "cifar10_cnn", "colored_mnist_cnn": "colored_mnist_cnn",
+         "colored_mnist_cnn_broken": "colored_mnist_cnn_broken"}
+CLASSIFIERS = {"cifar10_cnn", "colored_mnist_cnn", "colored_mnist_cnn_broken"}
+
+
 def seed_model(name: str, image_shape: tuple[int, ...]):
     """The questions' models, written layer by layer as their scripts do."""
     import keras
     from keras import layers
 
+    def conv(filters, **kwargs):
+        return layers.Conv2D(filters, 3, activation="relu", padding="same", **kwargs)
+
+    seed = SEEDS.get(name)
     inputs = keras.Input(image_shape)
-    if name == "mnist_cae":  # 16/8 filters, two poolings, sigmoid output, BCE, Adam
-        x = layers.Conv2D(16, 3, activation="relu", padding="same")(inputs)
-        x = layers.MaxPooling2D(2, padding="same")(x)
-        x = layers.Conv2D(8, 3, activation="relu", padding="same")(x)
-        x = layers.MaxPooling2D(2, padding="same")(x)
-        x = layers.Conv2D(8, 3, activation="relu", padding="same")(x)
-        x = layers.UpSampling2D(2)(x)
-        x = layers.Conv2D(16, 3, activation="relu", padding="same")(x)
-        x = layers.UpSampling2D(2)(x)
+    if seed == "mnist_cae":  # 16/8 filters, two poolings, sigmoid output, BCE, Adam
+        x = layers.MaxPooling2D(2, padding="same")(conv(16)(inputs))
+        x = layers.MaxPooling2D(2, padding="same")(conv(8)(x))
+        x = layers.UpSampling2D(2)(conv(8)(x))
+        x = layers.UpSampling2D(2)(conv(16)(x))
         outputs = layers.Conv2D(image_shape[-1], 3, activation="sigmoid", padding="same")(x)
         model = keras.Model(inputs, outputs)
         model.compile(optimizer="adam", loss="binary_crossentropy")
-    elif name == "cifar10_cnn":  # 64 then 256 filters, he_normal, dense 1024, dropout 0.4, Adam
+    elif seed == "mnist_denoise":  # 32 filters throughout, two poolings, sigmoid output, BCE, Adam
+        x = layers.MaxPooling2D(2, padding="same")(conv(32)(inputs))
+        x = layers.MaxPooling2D(2, padding="same")(conv(32)(x))
+        x = layers.UpSampling2D(2)(conv(32)(x))
+        x = layers.UpSampling2D(2)(conv(32)(x))
+        outputs = layers.Conv2D(image_shape[-1], 3, activation="sigmoid", padding="same")(x)
+        model = keras.Model(inputs, outputs)
+        model.compile(optimizer="adam", loss="binary_crossentropy")
+    elif seed in ("cifar10_cae_4pool", "cifar10_cae_3pool"):  # 64-32-16-8, linear output, MSE, "accuracy"
+        four = seed == "cifar10_cae_4pool"
+        x = layers.MaxPooling2D(2)(conv(64)(inputs))
+        x = layers.MaxPooling2D(2)(conv(32)(x))
+        x = conv(16)(x)
+        if four:  # the answer removed this pooling (and the decoder's last upsampling)
+            x = layers.MaxPooling2D(2)(x)
+        x = layers.MaxPooling2D(2)(conv(8)(x))
+        x = layers.UpSampling2D(2)(conv(8)(x))
+        x = layers.UpSampling2D(2)(conv(16)(x))
+        x = layers.UpSampling2D(2)(conv(32)(x))
+        x = conv(64)(x)
+        if four:
+            x = layers.UpSampling2D(2)(x)
+        outputs = layers.Conv2D(image_shape[-1], 3, padding="same")(x)
+        model = keras.Model(inputs, outputs)
+        model.compile(optimizer="adam", loss="mse", metrics=["accuracy"])
+    elif seed == "cifar10_cnn":  # 64 then 256 filters, he_normal, dense 1024, dropout 0.4, Adam
         x = layers.Conv2D(64, 3, activation="relu", kernel_initializer="he_normal")(inputs)
         x = layers.MaxPooling2D(2)(x)
         x = layers.Conv2D(256, 2, activation="relu", kernel_initializer="he_normal")(x)
@@ -133,31 +199,45 @@ def seed_model(name: str, image_shape: tuple[int, ...]):
         outputs = layers.Dense(10, activation="softmax")(x)
         model = keras.Model(inputs, outputs)
         model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    elif seed in ("colored_mnist_cnn", "colored_mnist_cnn_broken"):  # 64-64 convs, RMSprop
+        fixed = seed == "colored_mnist_cnn"  # the answer: ReLU in the convs, none before the softmax
+        activation = "relu" if fixed else None
+        x = layers.MaxPooling2D(2)(layers.Conv2D(64, 3, padding="same", activation=activation)(inputs))
+        x = layers.MaxPooling2D(2, padding="same")(layers.Conv2D(64, 3, padding="same", activation=activation)(x))
+        x = layers.Dense(10, activation=None if fixed else "relu")(layers.Flatten()(x))
+        model = keras.Model(inputs, layers.Softmax()(x))
+        model.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
     else:
-        raise SystemExit(f"bench_train: no seed script for {name!r} (mnist_cae, cifar10_cnn)")
+        raise SystemExit(f"bench_train: no seed script for {name!r} ({', '.join(SEEDS)})")
     return model
 
 
-def seed_run(name: str, data_file: Path, epochs: int, batch_size: int) -> None:
+def seed_run(name: str, input_file: Path, target_file: Path, epochs: int, batch_size: int) -> None:
     """One seed script run (in its own process); prints its epoch times as JSON."""
     import keras
 
     from stages.images import load
 
-    data = load(data_file)
-    x_train = np.concatenate([data.splits["train"].images, data.splits["val"].images]).astype("float32") / 255.0
-    x_test = data.splits["test"].images.astype("float32") / 255.0
-    if name == "mnist_cae":
+    def images(data, *splits):
+        return np.concatenate([data.splits[s].images for s in splits]).astype("float32") / 255.0
+
+    inputs, targets = load(input_file), load(target_file)
+    x_train, x_test = images(inputs, "train", "val"), images(inputs, "test")
+    model = seed_model(name, x_train.shape[1:])
+    if SEEDS[name] in CLASSIFIERS:  # one-hot labels, as the questions' scripts have them
+        y_train = keras.utils.to_categorical(np.concatenate([targets.splits["train"].labels,
+                                                             targets.splits["val"].labels]), 10)
+        y_test = keras.utils.to_categorical(targets.splits["test"].labels, 10)
+    elif input_file == target_file:
         y_train, y_test = x_train, x_test
     else:
-        y_train = keras.utils.to_categorical(np.concatenate([data.splits["train"].labels,
-                                                             data.splits["val"].labels]), 10)
-        y_test = keras.utils.to_categorical(data.splits["test"].labels, 10)
-    model = seed_model(name, x_train.shape[1:])
+        y_train, y_test = images(targets, "train", "val"), images(targets, "test")
+    turns = Turns.from_env()
     times: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
+            turns.next()
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
@@ -165,13 +245,167 @@ def seed_run(name: str, data_file: Path, epochs: int, batch_size: int) -> None:
 
     model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
               validation_data=(x_test, y_test), callbacks=[EpochTimer()])
-    print(json.dumps({"epoch_s": times}))
+    print(json.dumps({"epoch_s": times}), flush=True)
 
 
-def seed(name: str, data_file: Path, epochs: int, batch_size: int, env: dict) -> dict:
-    wall, rss, text = timed([sys.executable, __file__, "--seed-run", name, str(data_file), str(epochs),
-                             str(batch_size)], ROOT, env)
+def seed(name: str, files: list[Path], epochs: int, batch_size: int, env: dict) -> dict:
+    wall, rss, text = timed(seed_command(name, files, epochs, batch_size), ROOT, env)
     return {**json.loads(text.strip().splitlines()[-1]), "stage_s": wall, "peak_rss_mib": rss}
+
+
+def seed_command(name: str, files: list[Path], epochs: int, batch_size: int) -> list[str]:
+    input_file, target_file = files[0], files[-1]
+    return [sys.executable, __file__, "--seed-run", name, str(input_file), str(target_file), str(epochs),
+            str(batch_size)]
+
+
+# --- turn taking (--interleave) ----------------------------------------------
+
+TURNS_ENV = "BENCH_TRAIN_TURNS"
+
+
+class Turns:
+    """A child's side of turn taking: :meth:`next` ends the turn it holds (if
+    any) and blocks until the controller gives it the next one. Without the
+    environment variable (a plain run) it does nothing."""
+
+    def __init__(self, go: int | None, done: int | None):
+        self.go, self.done, self.holding = go, done, False
+
+    @classmethod
+    def from_env(cls) -> "Turns":
+        fds = os.environ.get(TURNS_ENV)
+        return cls(*map(int, fds.split(","))) if fds else cls(None, None)
+
+    def next(self) -> None:
+        if self.go is None:
+            return
+        if self.holding:
+            os.write(self.done, b".")
+        if os.read(self.go, 1) != b".":
+            raise SystemExit("bench_train: the controller went away")
+        self.holding = True
+
+
+def spawn_with_turns(cmd: list[str], cwd: Path, env: dict, output) -> tuple[subprocess.Popen, int, int]:
+    """Start a child that takes turns; return it with the controller's ends of its pipes."""
+    go_read, go_write = os.pipe()
+    done_read, done_write = os.pipe()
+    process = subprocess.Popen(cmd, cwd=cwd, env={**env, TURNS_ENV: f"{go_read},{done_write}"},
+                               pass_fds=(go_read, done_write), stdout=output, stderr=subprocess.STDOUT, text=True)
+    os.close(go_read)
+    os.close(done_write)
+    return process, go_write, done_read
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def take_turns(children: dict[str, tuple[int, int, int]], rounds: int) -> dict[str, dict[str, list]]:
+    """Give each child (name: go pipe, done pipe, pid) one turn a round,
+    alternating the order every round (A B, B A, A B, ...); return each
+    child's turns: wall seconds and the CPU seconds its process used in them
+    (None where unknown). A turn ends when the child asks for the next one or
+    exits (its pipe closes); a child that exits is given no more turns."""
+    names = list(children)
+    turns: dict[str, dict[str, list]] = {name: {"wall": [], "cpu": []} for name in names}
+    finished: set[str] = set()
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            if name in finished:
+                continue
+            go, done, pid = children[name]
+            cpu_before = cpu_seconds(pid)
+            started = time.perf_counter()
+            try:
+                os.write(go, b".")
+            except BrokenPipeError:
+                finished.add(name)
+                continue
+            answer = os.read(done, 1)
+            turns[name]["wall"].append(time.perf_counter() - started)
+            cpu_after = cpu_seconds(pid)
+            turns[name]["cpu"].append(None if None in (cpu_before, cpu_after) else cpu_after - cpu_before)
+            log.info("round %d: %s %.2f s", round_, name, turns[name]["wall"][-1])
+            if answer != b".":
+                finished.add(name)
+    return turns
+
+
+def paired(seed_s: list[float], ours_s: list[float]) -> dict:
+    """Round-by-round ratio ours/seed in images/s (seed time over ours),
+    leaving out the first round (compiling, start-up) and the last (exit work)."""
+    rounds = min(len(seed_s), len(ours_s))
+    if rounds < 3:
+        raise SystemExit(f"bench_train: --interleave needs at least 3 epochs, got {rounds} rounds")
+    kept = range(1, rounds - 1)
+    ratios = [seed_s[i] / ours_s[i] for i in kept]
+    return {"rounds_used": len(ratios), "ratios": [round(r, 3) for r in ratios],
+            "median_ratio": round(statistics.median(ratios), 3),
+            "min_ratio": round(min(ratios), 3), "max_ratio": round(max(ratios), 3),
+            "total_ratio": round(sum(seed_s[i] for i in kept) / sum(ours_s[i] for i in kept), 3),
+            "seed_median_s": round(statistics.median(seed_s[i] for i in kept), 2),
+            "ours_median_s": round(statistics.median(ours_s[i] for i in kept), 2)}
+
+
+def ours_run(name: str) -> int:
+    """Our train stage, as ``python -m stages.train NAME`` runs it, with a
+    turn taken at every ``Model.fit`` call (the stage makes one per epoch)."""
+    import keras
+
+    sys.path.insert(0, os.getcwd())  # the scratch project's stages/
+    turns = Turns.from_env()
+    fit = keras.Model.fit
+
+    def fit_in_turn(self, *args, **kwargs):
+        turns.next()
+        return fit(self, *args, **kwargs)
+
+    keras.Model.fit = fit_in_turn
+    from stages import train
+
+    return train.main([name])
+
+
+def interleaved(name: str, params: dict, files: dict[str, Path], epochs: int, batch: int, work: Path,
+                env: dict) -> dict:
+    """The seed's script and our train stage side by side, an epoch each in turn."""
+    project = scratch_project(name, params, files, epochs, work)
+    ours_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    commands = {"seed": (seed_command(name, list(files.values()), epochs, batch), ROOT, env),
+                "ours": ([sys.executable, __file__, "--ours-run", name], project, ours_env)}
+    outputs, processes, children = {}, {}, {}
+    try:
+        for who, (cmd, cwd, child_env) in commands.items():
+            outputs[who] = tempfile.TemporaryFile("w+")
+            processes[who], go, done = spawn_with_turns(cmd, cwd, child_env, outputs[who])
+            children[who] = (go, done, processes[who].pid)
+        turns = take_turns(children, epochs)
+    finally:
+        for go, done, _ in children.values():
+            os.close(go)
+            os.close(done)
+        usage = {who: os.wait4(p.pid, 0) for who, p in processes.items()}
+    result = {}
+    for who, (_, status, rusage) in usage.items():
+        outputs[who].seek(0)
+        text = outputs[who].read()
+        outputs[who].close()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"bench_train: {who} failed:\n{text[-3000:]}")
+        result[who] = {"turn_s": [round(t, 3) for t in turns[who]["wall"]],
+                       "turn_cpu_s": [None if t is None else round(t, 2) for t in turns[who]["cpu"]],
+                       "peak_rss_mib": rusage.ru_maxrss // 1024}
+    result["wall"] = paired(turns["seed"]["wall"], turns["ours"]["wall"])
+    if None not in turns["seed"]["cpu"][:-1] + turns["ours"]["cpu"][:-1]:
+        result["cpu"] = paired(turns["seed"]["cpu"], turns["ours"]["cpu"])
+    return result
 
 
 def summarise(result: dict, images: int) -> dict:
@@ -184,54 +418,93 @@ def summarise(result: dict, images: int) -> dict:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if len(sys.argv) == 6 and sys.argv[1] == "--seed-run":
-        seed_run(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--seed-run":
+        seed_run(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
         return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--ours-run":
+        return ours_run(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiments", nargs="+", default=["mnist_cae", "cifar10_cnn"])
+    parser.add_argument("--experiments", nargs="+", default=["mnist_cae", "cifar10_cnn"],
+                        help=f"any of {', '.join(SEEDS)} (default: %(default)s)")
     parser.add_argument("--fraction", type=float, default=0.2, help="of every split (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=4, help="the first compiles; median over the rest")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_train.json")
+    parser.add_argument("--interleave", action="store_true",
+                        help="seed and ours side by side, taking turns epoch by epoch (ratio only)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/bench_train[_interleaved].json")
     args = parser.parse_args()
+    out = args.out or ROOT / "benchmarks/results" / f"bench_train{'_interleaved' if args.interleave else ''}.json"
+    unknown = [name for name in args.experiments if name not in SEEDS]
+    if unknown:
+        parser.error(f"no seed script for {', '.join(unknown)} (choose from {', '.join(SEEDS)})")
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    results = {"machine": machine(), "fraction": args.fraction, "epochs": args.epochs, "experiments": {}}
+    results = {"machine": machine(), "fraction": args.fraction, "epochs": args.epochs,
+               "interleave": args.interleave, "experiments": {}}
     log.info("%s", results["machine"])
     for name in args.experiments:
         exp = params["experiments"][name]
-        source = ROOT / "data" / f"{exp['data']['input']}.npz"
-        if not source.is_file():
-            raise SystemExit(f"bench_train: {source} not found; run dvc repro prepare first")
+        batch = exp["training"]["batch_size"]
+        epochs = min(args.epochs, exp["training"]["epochs"])  # the stage trains no more than its params say
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
             work = Path(tmp)
-            counts = subset(source, work / "data.npz", args.fraction)
+            files, counts = data_files(exp, work, args.fraction)
             images = counts["train"] + counts["val"]
-            batch = exp["training"]["batch_size"]
-            log.info("%s: %d training images, batch %d, %d epochs", name, images, batch, args.epochs)
-            seed_result = summarise(seed(name, work / "data.npz", args.epochs, batch, env), images)
+            log.info("%s: %d training images, batch %d, %d epochs", name, images, batch, epochs)
+            if args.interleave:
+                result = interleaved(name, params, files, epochs, batch, work, env)
+                log.info("%s interleaved: %s", name, result)
+                results["experiments"][name] = {"training_images": images, "batch_size": batch, "epochs": epochs,
+                                                **result}
+                continue
+            seed_result = summarise(seed(name, list(files.values()), epochs, batch, env), images)
             log.info("%s seed: %s", name, seed_result)
-            ours_result = summarise(ours(name, params, work / "data.npz", args.epochs, work, env), images)
+            ours_result = summarise(ours(name, params, files, epochs, work, env), images)
             log.info("%s ours: %s", name, ours_result)
         results["experiments"][name] = {
-            "training_images": images, "batch_size": batch, "seed": seed_result, "ours": ours_result,
+            "training_images": images, "batch_size": batch, "epochs": epochs, "seed": seed_result, "ours": ours_result,
             "ratio_images_per_s": round(ours_result["images_per_s"] / seed_result["images_per_s"], 3),
             "ratio_fastest": round(ours_result["fastest_images_per_s"] / seed_result["fastest_images_per_s"], 3)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print("| experiment | images/epoch | batch | seed img/s | ours img/s | ours/seed | fastest epoch: ours/seed "
-          "| seed epoch | ours epoch | ours stage | ours evaluate | seed peak RSS | ours train / evaluate peak RSS |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(interleaved_table(results) if args.interleave else table(results))
+    log.info("results in %s", out)
+    return 0
+
+
+def interleaved_table(results: dict) -> str:
+    lines = ["| experiment | images/epoch | batch | rounds used | epoch wall, seed / ours (median) "
+             "| ours/seed img/s: median round | range | all rounds "
+             "| epoch CPU s, seed / ours (median) | ours/seed images per CPU-s: median round | range "
+             "| peak RSS seed / ours |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results["experiments"].items():
+        w, c = r["wall"], r.get("cpu")
+        cpu = (f"{c['seed_median_s']:.1f} / {c['ours_median_s']:.1f} s | {c['median_ratio']:.3f}x | "
+               f"{c['min_ratio']:.3f}-{c['max_ratio']:.3f}x") if c else "n/a | n/a | n/a"
+        lines.append(f"| `{name}` | {r['training_images']:,} | {r['batch_size']} | {w['rounds_used']} | "
+                     f"{w['seed_median_s']:.2f} / {w['ours_median_s']:.2f} s | "
+                     f"{w['median_ratio']:.3f}x | {w['min_ratio']:.3f}-{w['max_ratio']:.3f}x | "
+                     f"{w['total_ratio']:.3f}x | {cpu} | "
+                     f"{r['seed']['peak_rss_mib']:,} / {r['ours']['peak_rss_mib']:,} MiB |")
+    return "\n".join(lines)
+
+
+def table(results: dict) -> str:
+    lines = ["| experiment | images/epoch | batch | seed img/s | ours img/s | ours/seed "
+             "| fastest epoch: ours/seed | seed epoch | ours epoch | ours stage | ours evaluate | seed peak RSS "
+             "| ours train / evaluate peak RSS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["experiments"].items():
         s, o = r["seed"], r["ours"]
-        print(f"| `{name}` | {r['training_images']:,} | {r['batch_size']} | {s['images_per_s']:,.0f} | "
-              f"{o['images_per_s']:,.0f} | {r['ratio_images_per_s']:.2f}x | {r['ratio_fastest']:.2f}x | "
-              f"{s['median_epoch_s']:.1f} s | "
-              f"{o['median_epoch_s']:.1f} s | {o['stage_s']:.1f} s | {o['evaluate_s']:.1f} s | "
-              f"{s['peak_rss_mib']} MiB | {o['peak_rss_mib']} / {o['evaluate_peak_rss_mib']} MiB |")
-    log.info("results in %s", args.out)
-    return 0
+        lines.append(
+            f"| `{name}` | {r['training_images']:,} | {r['batch_size']} | {s['images_per_s']:,.0f} | "
+            f"{o['images_per_s']:,.0f} | {r['ratio_images_per_s']:.2f}x | {r['ratio_fastest']:.2f}x | "
+            f"{s['median_epoch_s']:.1f} s | {o['median_epoch_s']:.1f} s | {o['stage_s']:.1f} s | "
+            f"{o['evaluate_s']:.1f} s | {s['peak_rss_mib']} MiB | "
+            f"{o['peak_rss_mib']} / {o['evaluate_peak_rss_mib']} MiB |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

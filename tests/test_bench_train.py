@@ -1,0 +1,141 @@
+"""benchmarks/bench_train.py: its seed scripts build the experiments' models,
+and --interleave's turn taking runs one process at a time in the stated
+order and times each turn (its real runs need the prepared data)."""
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _layers(model):
+    """(kind, output shape, weights) of every layer but the input and activations."""
+    return [(type(layer).__name__, tuple(layer.output.shape[1:]), layer.count_params())
+            for layer in model.layers if type(layer).__name__ not in ("InputLayer", "Softmax")]
+
+
+@pytest.mark.parametrize("name", ["mnist_cae", "fashion_mnist_cae", "mnist_denoise", "cifar10_cae_4pool",
+                                  "cifar10_cae_3pool", "cifar10_cnn", "colored_mnist_cnn",
+                                  "colored_mnist_cnn_broken"])
+def test_seed_script_builds_the_experiments_model(bench, name):
+    """The benchmark compares like with like: the seed script's model has the
+    stage's layers, shapes and weight counts, and the same output activation."""
+    from stages import params as params_mod
+    from stages.models import build_any_autoencoder, build_any_classifier
+
+    exp = params_mod.experiment(params_mod.load(REPO / "params.yaml"), name)
+    shape = {"cifar10": (32, 32, 3), "colored": (28, 28, 3)}.get(name.split("_")[0], (28, 28, 1))
+    seed = bench.seed_model(name, shape)
+    if exp.task == "autoencoder":
+        ours, _ = build_any_autoencoder(exp.model.spec(), shape)
+    else:
+        ours = build_any_classifier(exp.model.spec(10), shape)
+    assert _layers(seed) == _layers(ours)
+    assert seed.count_params() == ours.count_params()
+    assert _head(seed) == _head(ours)
+
+
+def _head(model):
+    """The output's activation: a softmax Dense layer counts as a linear one and a Softmax layer."""
+    last = [layer for layer in model.layers if hasattr(layer, "activation")][-1]
+    activation = last.activation.__name__
+    softmax = activation == "softmax" or type(model.layers[-1]).__name__ == "Softmax"
+    return ("linear" if activation == "softmax" else activation), softmax
+
+
+def test_unknown_experiment_is_refused_by_name():
+    result = subprocess.run([sys.executable, str(BENCH), "--experiments", "mnist_cae_plus"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no seed script for mnist_cae_plus" in result.stderr
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {benchmarks!r})
+    from bench_train import Turns
+    name, log, sleeps, fail_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    turns = Turns.from_env()
+    for i, seconds in enumerate(map(float, sleeps.split(","))):
+        turns.next()
+        if i == fail_at:
+            sys.exit(3)
+        with open(log, "a") as f:
+            f.write(f"{{name}}{{i}} start {{time.perf_counter()}}\\n")
+        time.sleep(seconds)
+        with open(log, "a") as f:
+            f.write(f"{{name}}{{i}} end {{time.perf_counter()}}\\n")
+""")
+
+
+def _children(bench, tmp_path, specs):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(benchmarks=str(REPO / "benchmarks")))
+    log = tmp_path / "turns.log"
+    processes, children = [], {}
+    for name, sleeps, fail_at in specs:
+        process, go, done = bench.spawn_with_turns(
+            [sys.executable, str(script), name, str(log), sleeps, str(fail_at)], tmp_path, {}, subprocess.DEVNULL)
+        processes.append(process)
+        children[name] = (go, done, process.pid)
+    return processes, children, log
+
+
+def test_turns_alternate_never_overlap_and_are_timed(bench, tmp_path):
+    processes, children, log = _children(bench, tmp_path, [("A", "0.05,0.3,0.05", -1), ("B", "0.25,0.05,0.2", -1)])
+    turns = bench.take_turns(children, rounds=3)
+    times = {name: turn["wall"] for name, turn in turns.items()}
+    for process in processes:
+        assert process.wait(timeout=30) == 0
+    events = [line.split() for line in log.read_text().splitlines()]
+    starts = [turn for turn, kind, _ in events if kind == "start"]
+    assert starts == ["A0", "B0", "B1", "A1", "A2", "B2"]  # the order flips every round
+    moments = [float(t) for _, _, t in events]
+    assert moments == sorted(moments)  # every turn ended before the next began
+    assert [kind for _, kind, _ in events] == ["start", "end"] * 6
+    # a turn lasts at least the work done in it
+    assert all(t >= s for t, s in zip(times["A"], (0.05, 0.3, 0.05)))
+    assert all(t >= s for t, s in zip(times["B"], (0.25, 0.05, 0.2)))
+    assert times["A"][1] > times["A"][2] and times["B"][2] > times["B"][1]  # (the first turns hold start-up)
+    cpu = turns["A"]["cpu"] + turns["B"]["cpu"]
+    assert all(c is not None and 0 <= c < 0.25 for c in cpu)  # sleeping is not CPU time
+
+
+def test_cpu_seconds_counts_this_process_work(bench):
+    import os
+    import time
+    before = bench.cpu_seconds(os.getpid())
+    until = time.perf_counter() + 0.3
+    while time.perf_counter() < until:
+        pass
+    assert bench.cpu_seconds(os.getpid()) - before >= 0.2
+
+
+def test_a_child_that_dies_gets_no_more_turns_and_nothing_hangs(bench, tmp_path):
+    processes, children, log = _children(bench, tmp_path, [("A", "0.01,0.01,0.01,0.01", 1),
+                                                          ("B", "0.01,0.01,0.01,0.01", -1)])
+    times = {name: turn["wall"] for name, turn in bench.take_turns(children, rounds=4).items()}
+    assert [process.wait(timeout=30) for process in processes] == [3, 0]
+    assert len(times["A"]) == 2 and len(times["B"]) == 4  # its first turn, then the one it died in
+    assert "A1" not in log.read_text() and "B3 end" in log.read_text()
+
+
+def test_paired_ratio_leaves_out_the_first_and_last_rounds(bench):
+    result = bench.paired([10.0, 2.0, 4.0, 3.0, 9.0], [20.0, 1.0, 4.0, 6.0, 1.0])
+    assert result["ratios"] == [2.0, 1.0, 0.5] and result["median_ratio"] == 1.0
+    assert result["total_ratio"] == pytest.approx(9 / 11, abs=1e-3) and result["rounds_used"] == 3
+    with pytest.raises(SystemExit, match="at least 3"):
+        bench.paired([1.0, 1.0], [1.0, 1.0])
