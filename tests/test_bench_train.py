@@ -3,6 +3,7 @@ and --interleave's turn taking runs one process at a time in the stated
 order and times each turn (its real runs need the prepared data)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -94,9 +95,16 @@ def _children(bench, tmp_path, specs):
     return processes, children, log
 
 
+def _close(children):
+    for go, done, _ in children.values():
+        os.close(go)
+        os.close(done)
+
+
 def test_turns_alternate_never_overlap_and_are_timed(bench, tmp_path):
     processes, children, log = _children(bench, tmp_path, [("A", "0.05,0.3,0.05", -1), ("B", "0.25,0.05,0.2", -1)])
     turns = bench.take_turns(children, rounds=3)
+    _close(children)
     times = {name: turn["wall"] for name, turn in turns.items()}
     for process in processes:
         assert process.wait(timeout=30) == 0
@@ -115,7 +123,6 @@ def test_turns_alternate_never_overlap_and_are_timed(bench, tmp_path):
 
 
 def test_cpu_seconds_counts_this_process_work(bench):
-    import os
     import time
     before, own = bench.cpu_seconds(os.getpid()), time.process_time()
     while time.process_time() - own < 0.3:  # 0.3 s on a CPU, however long that takes on a busy machine
@@ -127,6 +134,7 @@ def test_a_child_that_dies_gets_no_more_turns_and_nothing_hangs(bench, tmp_path)
     processes, children, log = _children(bench, tmp_path, [("A", "0.01,0.01,0.01,0.01", 1),
                                                           ("B", "0.01,0.01,0.01,0.01", -1)])
     times = {name: turn["wall"] for name, turn in bench.take_turns(children, rounds=4).items()}
+    _close(children)
     assert [process.wait(timeout=30) for process in processes] == [3, 0]
     assert len(times["A"]) == 2 and len(times["B"]) == 4  # its first turn, then the one it died in
     assert "A1" not in log.read_text() and "B3 end" in log.read_text()
