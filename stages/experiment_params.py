@@ -96,6 +96,8 @@ class ResidualAutoencoder(_Strict):
     linear_path: bool = False
     # output = input + the decoder's correction (corruption tasks: colorization, denoising)
     input_skip: bool = False
+    # widths of full-resolution convs refining that image (non-linear decoding in the image domain)
+    refiner: tuple[Positive, ...] = ()
 
     @model_validator(mode="after")
     def _one_per_level(self) -> "ResidualAutoencoder":
@@ -107,6 +109,8 @@ class ResidualAutoencoder(_Strict):
         if (self.linear_path or self.input_skip) and self.output_activation != "linear":
             raise ValueError("linear_path and input_skip add a correction to an image: "
                              "they need output_activation: linear")
+        if self.refiner and not (self.linear_path or self.input_skip):
+            raise ValueError("refiner refines a base image: it needs linear_path or input_skip")
         return self
 
     @property
@@ -117,7 +121,8 @@ class ResidualAutoencoder(_Strict):
         from stages.models import ResidualAutoencoderSpec
 
         return ResidualAutoencoderSpec(tuple(self.filters), tuple(self.blocks), self.latent_channels,
-                                       self.output_activation, self.linear_path, self.input_skip)
+                                       self.output_activation, self.linear_path, self.input_skip,
+                                       tuple(self.refiner))
 
 
 class Block(_Strict):

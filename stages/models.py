@@ -132,6 +132,14 @@ class ResidualAutoencoderSpec:
     ``input_skip``: the output is the input plus the conv decoder's
     correction (for corruption tasks such as colorization, where the input
     already holds most of the target).
+    ``refiner``: widths of full-resolution 3x3 ReLU convs (no batch norm)
+    that read that image (the PCA reconstruction plus the decoder's
+    correction, or the input plus it) and add their own zero-initialized
+    correction: a non-linear decoder in the image domain, which can sharpen
+    edges and saturate flat regions that a linear decoder leaves blurred.
+    The conv decoder alone could not learn this from a PCA start: its
+    features see only the codes, of which the PCA residual is no linear
+    function, so its zero head got almost no gradient.
     """
 
     filters: tuple[int, ...]
@@ -140,6 +148,7 @@ class ResidualAutoencoderSpec:
     output_activation: str = "sigmoid"
     linear_path: bool = False
     input_skip: bool = False
+    refiner: tuple[int, ...] = ()
 
     @property
     def poolings(self) -> int:
@@ -195,6 +204,8 @@ def residual_latent_shape(spec: ResidualAutoencoderSpec, image_shape) -> tuple[i
                              f"they need output_activation linear, not {spec.output_activation}")
         if spec.linear_path and spec.input_skip:
             raise ValueError("linear_path and input_skip are alternatives: choose one")
+    if spec.refiner and not (spec.linear_path or spec.input_skip):
+        raise ValueError("refiner refines a base image: it needs linear_path or input_skip")
     values = int(image_shape[0] * image_shape[1] * image_shape[2])
     if spec.linear_path and shape[0] * shape[1] * shape[2] > values:
         raise ValueError(f"linear_path needs a latent of at most the image's {values} values, "
@@ -243,7 +254,15 @@ def build_residual_autoencoder(spec: ResidualAutoencoderSpec, image_shape: tuple
         base = layers.Reshape(image_shape, name="linear_image")(flat)
     else:
         base = inputs
-    outputs = layers.Add(name="reconstruction", dtype="float32")([base, correction])
+    outputs = layers.Add(name="refiner_input" if spec.refiner else "reconstruction", dtype="float32")(
+        [base, correction])
+    if spec.refiner:
+        x = outputs
+        for index, width in enumerate(spec.refiner):
+            x = layers.Conv2D(width, 3, padding="same", activation="relu", name=f"refine{index}")(x)
+        refinement = layers.Conv2D(image_shape[2], 3, padding="same", kernel_initializer="zeros", dtype="float32",
+                                   name="refine_out")(x)
+        outputs = layers.Add(name="reconstruction", dtype="float32")([outputs, refinement])
     return keras.Model(inputs, outputs, name=name), keras.Model(inputs, latent, name=f"{name}_encoder")
 
 

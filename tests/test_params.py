@@ -102,6 +102,12 @@ AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "pre
                                   "latent_channels": 4, "linear_path": True, "output_activation": "linear"},
          "'experiments.ae': model.linear_path and model.input_skip have an unbounded (linear) output: "
          "they need training.loss mse, not 'bce'"),
+        ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0],
+                                  "latent_channels": 4, "output_activation": "linear", "refiner": [8]},
+         "'experiments.ae.model': refiner refines a base image: it needs linear_path or input_skip"),
+        ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0],
+                                  "latent_channels": 4, "linear_path": True, "refiner": [8, 0]},
+         "'experiments.ae.model.refiner.1' = 0"),
         ("experiments.ae.model", {"kind": "resnet", "stem": 8, "stages": [{"filters": 8}]},
          "task 'autoencoder' does not match model kind 'resnet'"),
         ("corruptions.noisy", {"dataset": "mnist", "kind": "colorize", "train_channels": ["red", "red"]},
