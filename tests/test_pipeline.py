@@ -1,6 +1,7 @@
 """The whole pipeline through real DVC commands on a tiny image-folder dataset:
 download, prepare, corrupt, then train and evaluate two tiny experiments."""
 
+import ast
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import yaml
 
 import builders
-from dvc_helpers import git_commit, make_project, pets_params, ran as _ran, run_dvc as _run, wait_for_queue
+from dvc_helpers import REPO, git_commit, make_project, pets_params, ran as _ran, run_dvc as _run, wait_for_queue
 from stages.images import load
 
 PETS_DAE = {"task": "autoencoder", "data": {"input": "corrupted/pets_noisy", "target": "prepared/pets"},
@@ -203,9 +204,7 @@ PLUMBING = {"atomic", "cli", "errors", "progress", "params", "sources", "fetch",
 
 def _stage_imports(module: str) -> set[str]:
     """Every ``stages`` module that ``module`` imports, directly or not (function-level imports included)."""
-    import ast
-
-    folder = Path(__file__).resolve().parent.parent / "stages"
+    folder = REPO / "stages"
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
@@ -227,7 +226,7 @@ def test_a_stage_lists_every_module_that_shapes_its_outputs(stage):
     """A change to a listed module re-runs the stage; one missing from deps
     (train once omitted metrics.py, whose PCA the linear path starts from)
     would leave dvc.lock claiming results the code no longer gives."""
-    dvc_yaml = yaml.safe_load((Path(__file__).resolve().parent.parent / "dvc.yaml").read_text())
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     listed = {Path(dep).stem for dep in dvc_yaml["stages"][stage]["do"]["deps"] if dep.startswith("stages/")}
     missing = _stage_imports(stage) - PLUMBING - listed
     assert not missing, f"dvc.yaml's {stage} stage does not list stages/{{{','.join(sorted(missing))}}}.py"
