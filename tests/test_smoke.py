@@ -119,3 +119,74 @@ def test_skipped_experiments_and_their_improvements_leave_the_copy(tmp_path):
     kept = yaml.safe_load(path.read_text())
     assert list(kept["experiments"]) == ["other"] and kept["limits"] == {"max_epochs": None}
     assert list(kept["corruptions"]) == ["noisy"]
+
+
+# .ci/run itself, driven by real bash and make over a stand-in Makefile whose
+# test and smoke targets are shell commands: the exit codes it combines, and
+# that leaving early stops both background jobs and their children.
+
+CI_RUN = Path(__file__).resolve().parents[1] / ".ci" / "run"
+
+
+def _ci_copy(tmp_path, test_cmd, smoke_cmd):
+    (tmp_path / ".ci").mkdir(parents=True)
+    (tmp_path / ".ci" / "run").write_text(CI_RUN.read_text())
+    (tmp_path / "Makefile").write_text(f"setup:\nbrowser:\ntest:\n\t{test_cmd}\nsmoke:\n\t{smoke_cmd}\n")
+    return tmp_path
+
+
+def _run_ci(folder, **kwargs):
+    import signal
+    import subprocess
+
+    def default_signals():  # a CI runner's process: SIGINT/SIGTERM not ignored, whatever pytest inherited
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+    return subprocess.Popen(["bash", ".ci/run"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, preexec_fn=default_signals, **kwargs)
+
+
+def test_ci_run_fails_when_either_the_tests_or_the_smoke_fail(tmp_path):
+    for test_rc, smoke_rc, ok in ((0, 0, True), (3, 0, False), (0, 4, False)):
+        folder = _ci_copy(tmp_path / f"{test_rc}{smoke_rc}", f"echo tests-ran; exit {test_rc}",
+                          f"echo smoke-ran; exit {smoke_rc}")
+        proc = _run_ci(folder)
+        out, _ = proc.communicate(timeout=60)
+        assert (proc.returncode == 0) is ok, out
+        assert "tests-ran" in out and "smoke-ran" in out
+        assert f"make test: exit {2 if test_rc else 0}; make smoke: exit {2 if smoke_rc else 0}" in out
+
+
+def _alive(marker: str) -> bool:
+    import subprocess
+
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
+
+
+def test_ci_run_stops_the_tests_and_the_smoke_when_interrupted_or_cancelled(tmp_path):
+    import os
+    import signal
+    import time
+    import random
+
+    for how in ("ctrl-c", "sigterm"):
+        tag = random.randrange(10**8, 10**9)
+        # the sleeps' durations carry a unique tag, so pgrep finds only this test's processes
+        t_marker, s_marker = f"sleep 300.{tag}1", f"sleep 300.{tag}2"
+        folder = _ci_copy(tmp_path / how, t_marker, s_marker)
+        proc = _run_ci(folder)
+        deadline = time.monotonic() + 30
+        while not (_alive(t_marker) and _alive(s_marker)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the stand-in jobs never started"
+            time.sleep(0.1)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the script's foreground group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # a runner cancelling the job signals its main process
+        proc.communicate(timeout=30)
+        assert proc.returncode == (130 if how == "ctrl-c" else 143)
+        deadline = time.monotonic() + 10
+        while _alive(t_marker) or _alive(s_marker):
+            assert time.monotonic() < deadline, f"{how}: a job of .ci/run was left running"
+            time.sleep(0.1)
