@@ -2,6 +2,11 @@
 
 import importlib.util
 import json
+import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -135,16 +140,13 @@ def _ci_copy(tmp_path, test_cmd, smoke_cmd):
     return tmp_path
 
 
-def _run_ci(folder, **kwargs):
-    import signal
-    import subprocess
-
+def _run_ci(folder):
     def default_signals():  # a CI runner's process: SIGINT/SIGTERM not ignored, whatever pytest inherited
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
 
     return subprocess.Popen(["bash", ".ci/run"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, preexec_fn=default_signals, **kwargs)
+                            text=True, start_new_session=True, preexec_fn=default_signals)
 
 
 def test_ci_run_fails_when_either_the_tests_or_the_smoke_fail(tmp_path):
@@ -158,35 +160,49 @@ def test_ci_run_fails_when_either_the_tests_or_the_smoke_fail(tmp_path):
         assert f"make test: exit {2 if test_rc else 0}; make smoke: exit {2 if smoke_rc else 0}" in out
 
 
-def _alive(marker: str) -> bool:
-    import subprocess
+def _pids(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (read from /proc: no procps needed)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
 
-    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
+
+def _alive(marker: str) -> bool:
+    return bool(_pids(marker))
 
 
 def test_ci_run_stops_the_tests_and_the_smoke_when_interrupted_or_cancelled(tmp_path):
-    import os
-    import signal
-    import time
-    import random
-
     for how in ("ctrl-c", "sigterm"):
         tag = random.randrange(10**8, 10**9)
-        # the sleeps' durations carry a unique tag, so pgrep finds only this test's processes
+        # the sleeps' durations carry a unique tag, so only this test's processes are found
         t_marker, s_marker = f"sleep 300.{tag}1", f"sleep 300.{tag}2"
         folder = _ci_copy(tmp_path / how, t_marker, s_marker)
         proc = _run_ci(folder)
-        deadline = time.monotonic() + 30
-        while not (_alive(t_marker) and _alive(s_marker)):
-            assert time.monotonic() < deadline and proc.poll() is None, "the stand-in jobs never started"
-            time.sleep(0.1)
-        if how == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the script's foreground group
-        else:
-            os.kill(proc.pid, signal.SIGTERM)  # a runner cancelling the job signals its main process
-        proc.communicate(timeout=30)
-        assert proc.returncode == (130 if how == "ctrl-c" else 143)
-        deadline = time.monotonic() + 10
-        while _alive(t_marker) or _alive(s_marker):
-            assert time.monotonic() < deadline, f"{how}: a job of .ci/run was left running"
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 30
+            while not (_alive(t_marker) and _alive(s_marker)):
+                assert time.monotonic() < deadline and proc.poll() is None, "the stand-in jobs never started"
+                time.sleep(0.1)
+            if how == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the script's foreground group
+            else:
+                os.kill(proc.pid, signal.SIGTERM)  # a runner cancelling the job signals its main process
+            proc.communicate(timeout=30)
+            assert proc.returncode == (130 if how == "ctrl-c" else 143)
+            deadline = time.monotonic() + 10
+            while _alive(t_marker) or _alive(s_marker):
+                assert time.monotonic() < deadline, f"{how}: a job of .ci/run was left running"
+                time.sleep(0.1)
+        finally:  # a failing run leaves nothing behind either
+            for pid in _pids(f"sleep 300.{tag}"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.kill()
+            proc.communicate()
