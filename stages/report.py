@@ -153,7 +153,7 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render_markdown(rows: list[Row]) -> str:
+def render_markdown(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str:
     lines = ["# Experiments", "",
              "Test split. PSNR is the mean of per-image PSNR; \"PSNR pooled\" is the PSNR of the MSE "
              "over all test images. \"PCA same latent\" is a PCA reconstruction (of the corrupted input, "
@@ -161,6 +161,8 @@ def render_markdown(rows: list[Row]) -> str:
              "an improved model's PSNR (dB) or accuracy (points) minus the seed experiment's it improves on. "
              "\"Input\": the corrupted (noisy or grey) input scored as if it were the output. "
              "**Bold**: the best of several models for the same data (input and target).", ""]
+    if not_evaluated:
+        lines += [f"Not evaluated yet, so left out: {', '.join(not_evaluated)}.", ""]
     for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
         chosen = [r for r in rows if r.task == task]
         if not chosen:
@@ -211,7 +213,7 @@ def _html_table(rows: list[Row], columns, cells) -> str:
     return "\n".join(out)
 
 
-def render_html(rows: list[Row]) -> str:
+def render_html(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str:
     parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>Experiments</title>", f"<style>{STYLE}</style></head><body>", "<h1>Experiments</h1>",
              "<p>Test split. PSNR: mean of per-image PSNR; pooled: PSNR of the MSE over all test images. "
@@ -220,6 +222,8 @@ def render_html(rows: list[Row]) -> str:
              "(points) minus the seed experiment's it improves on. Input: the corrupted (noisy or grey) input "
              "scored as if it were the output. Green rows: the best of several models for the same data "
              "(input and target).</p>"]
+    if not_evaluated:
+        parts.append(f"<p>Not evaluated yet, so left out: {html.escape(', '.join(not_evaluated))}.</p>")
     for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
         chosen = [r for r in rows if r.task == task]
         if not chosen:
@@ -334,17 +338,29 @@ def write_folder(target: Path, files: dict[str, str]) -> None:
 
 
 def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, models_dir: Path,
-           out_dir: Path, log_mlflow: bool = True, plots_dir: Path | None = None) -> list[Row]:
+           out_dir: Path, log_mlflow: bool = True, plots_dir: Path | None = None,
+           evaluated_only: bool = False) -> list[Row]:
+    """Write the pages (and the DVC plots data when ``plots_dir``); every experiment
+    must have its metrics file, unless ``evaluated_only``, which reports those that
+    have one and names the others on the pages (a partial report while runs go on)."""
     experiments = params.experiments
     if not experiments:
         raise PipelineError("params.yaml: 'experiments' is empty; nothing to report")
+    not_evaluated: tuple[str, ...] = ()
+    if evaluated_only:
+        not_evaluated = tuple(name for name in experiments if not (metrics_dir / f"{name}.json").is_file())
+        experiments = {name: exp for name, exp in experiments.items() if name not in not_evaluated}
+        if not experiments:
+            raise PipelineError(f"{metrics_dir}/: no experiment has been evaluated yet; nothing to report")
+        if not_evaluated:
+            log.info("report: leaving out %d not evaluated yet: %s", len(not_evaluated), ", ".join(not_evaluated))
     log.info("report: %d experiments from %s/, %s/ and %s/", len(experiments), metrics_dir, models_dir, reports_dir)
     metrics = {name: _read_json(metrics_dir / f"{name}.json", f"evaluate@{name}") for name in experiments}
     rows = build_rows(experiments, metrics)
     for row in rows:
         wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
         row.images = {p.stem: p for p in (reports_dir / row.name / f for f in wanted) if p.is_file()}
-    pages = {"summary.md": render_markdown(rows), "index.html": render_html(rows)}
+    pages = {"summary.md": render_markdown(rows, not_evaluated), "index.html": render_html(rows, not_evaluated)}
     plot_data = dvc_plots(experiments, reports_dir, models_dir) if plots_dir else {}
     if log_mlflow:  # first, so that a store that fails leaves no report behind
         run_ids = {name: tracking.load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
@@ -366,11 +382,16 @@ def main(argv=None) -> int:
         parser.add_argument("--plots", type=Path, default=Path("plots"),
                             help="where the DVC plots data go (accuracy/, confusion/)")
         parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+        parser.add_argument("--evaluated-only", action="store_true",
+                            help="report the experiments evaluated so far and name the others: the pages only, "
+                                 "no DVC plots data (a partial report while runs go on; not for dvc.yaml)")
 
     def body(args):
+        plots_dir = None if args.evaluated_only else args.plots
         report(params_mod.load(args.params), args.metrics, args.reports, args.models, args.out,
-               log_mlflow=not args.no_mlflow, plots_dir=args.plots)
-        return [args.out / "index.html", args.out / "summary.md", args.plots / "accuracy", args.plots / "confusion"]
+               log_mlflow=not args.no_mlflow, plots_dir=plots_dir, evaluated_only=args.evaluated_only)
+        pages = [args.out / "index.html", args.out / "summary.md"]
+        return pages + ([plots_dir / "accuracy", plots_dir / "confusion"] if plots_dir else [])
 
     return cli.run("report", __doc__, body, configure, argv)
 

@@ -5,9 +5,11 @@ import io
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from stages import params as params_mod
@@ -143,6 +145,47 @@ def test_report_writes_both_files_and_names_a_missing_metrics_file(tmp_path):
     assert "ae_1" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "index.html").read_text().count("data:image/png") == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.html", "summary.md"]
+
+
+def test_evaluated_only_reports_what_has_run_and_names_the_rest(tmp_path):
+    params = _params(ae_1=_ae(), ae_plus=_improved(_ae(), "ae_1"), cnn=_clf())
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    with pytest.raises(PipelineError, match=r"metrics/: no experiment has been evaluated yet"):
+        report(params, metrics_dir, tmp_path / "reports", tmp_path / "models", tmp_path / "out",
+               log_mlflow=False, evaluated_only=True)
+    (metrics_dir / "ae_plus.json").write_text(json.dumps(_ae_metrics(25.0)))
+    (metrics_dir / "cnn.json").write_text(json.dumps(_clf_metrics(0.7)))
+    rows = report(params, metrics_dir, tmp_path / "reports", tmp_path / "models", tmp_path / "out",
+                  log_mlflow=False, evaluated_only=True)
+    assert [r.name for r in rows] == ["ae_plus", "cnn"]
+    assert rows[0].vs_seed is None  # its seed has not run: no gain to show
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "Not evaluated yet, so left out: ae_1." in summary
+    assert "| ae_plus |" in summary and "| ae_1 |" not in summary
+    assert "Not evaluated yet, so left out: ae_1.</p>" in (tmp_path / "out" / "index.html").read_text()
+
+    (metrics_dir / "ae_1.json").write_text(json.dumps(_ae_metrics(22.0)))
+    rows = report(params, metrics_dir, tmp_path / "reports", tmp_path / "models", tmp_path / "out",
+                  log_mlflow=False, evaluated_only=True)
+    assert {r.name: r.vs_seed for r in rows}["ae_plus"] == pytest.approx(3.0)
+    assert "Not evaluated yet" not in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_the_evaluated_only_flag_writes_the_pages_and_no_dvc_plots(tmp_path, monkeypatch):
+    from stages.report import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump({
+        "datasets": {"digits": {"source": {"builtin": "mnist"}}},
+        "experiments": {"ae_1": _ae(), "cnn": _clf()}}))
+    Path("metrics").mkdir()
+    Path("metrics/cnn.json").write_text(json.dumps(_clf_metrics(0.7)))
+    assert main(["--no-mlflow"]) != 0  # the stage itself wants every experiment
+    assert not Path("reports").exists()
+    assert main(["--no-mlflow", "--evaluated-only"]) == 0
+    assert "left out: ae_1." in Path("reports/summary.md").read_text()
+    assert Path("reports/index.html").is_file() and not Path("plots").exists()
 
 
 def test_confusion_rows_count_each_test_image_once():
