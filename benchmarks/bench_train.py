@@ -81,7 +81,7 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int, str]:
         output.seek(0)
         text = output.read()
     if process.returncode != 0:
-        raise SystemExit(f"bench_train: {' '.join(cmd)} failed ({process.returncode}):\n{text[-3000:]}")
+        raise SystemExit(f"benchmark: {' '.join(cmd)} failed in {cwd} ({process.returncode}):\n{text[-3000:]}")
     return elapsed, usage.ru_maxrss // 1024, text
 
 

@@ -1,0 +1,65 @@
+"""benchmarks/bench_memory.py on a tiny image-folder dataset: the stages the
+chosen experiments need run in pipeline order, each in its own process, and
+each row's peak memory is that process's own."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+import builders
+from dvc_helpers import dvc_env, pets_params
+from test_pipeline import PETS_DAE
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench_memory.py"
+
+
+def _params(tmp_path) -> Path:
+    folder = tmp_path / "pets"
+    builders.image_folder(folder, classes=("cat", "dog"), per_class=4, mode="L")
+    archive = builders.tar_gz(folder, tmp_path / "pets.tar.gz")
+    source = {"path": str(archive), "sha256": builders.sha256(archive.read_bytes())}
+    corruptions = {"pets_noisy": {"dataset": "pets", "kind": "gaussian", "factor": 0.3, "seed": 0},
+                   "pets_rgb": {"dataset": "pets", "kind": "colorize", "mode": "channel", "seed": 0}}
+    experiments = {"pets_dae": PETS_DAE, "pets_dae_plus": {**PETS_DAE, "improves_on": "pets_dae"}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(pets_params(source, experiments, corruptions), sort_keys=False))
+    return path
+
+
+def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, env=dvc_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_every_stage_of_the_dataset_in_its_own_process(tmp_path):
+    out = tmp_path / "results.json"
+    done = _bench("--params", str(_params(tmp_path)), "--dataset", "pets", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    stages = [row["stage"] for row in result["stages"]]
+    # the unused corruption and the improved experiment are left out by default
+    assert stages == ["download@pets", "prepare@pets", "corrupt@pets_noisy", "train@pets_dae",
+                      "evaluate@pets_dae", "report"]
+    assert result["images"] == {"train": 6, "val": 2, "test": 8} and result["epochs"] == 1
+    peak = {row["stage"]: row["peak_rss_mib"] for row in result["stages"]}
+    assert all(row["wall_s"] > 0 for row in result["stages"])
+    # the rows are the stages' own processes: training loads Keras, download does not
+    assert peak["train@pets_dae"] > 2 * peak["download@pets"] > 0
+    assert "| `train@pets_dae` |" in done.stdout and result["machine"]["cores"] >= 1
+
+
+def test_an_experiment_not_on_the_dataset_is_named_and_nothing_is_written(tmp_path):
+    out = tmp_path / "results.json"
+    params = _params(tmp_path)
+    done = _bench("--params", str(params), "--dataset", "pets", "--experiments", "pets_dae", "mnist_cae",
+                  "--out", str(out), cwd=tmp_path)
+    assert done.returncode != 0
+    assert "mnist_cae" in done.stderr and "pets_dae_plus" in done.stderr  # the ones to choose from
+    assert not out.exists()
+    done = _bench("--params", str(params), "--dataset", "cifar10", "--out", str(out), cwd=tmp_path)
+    assert done.returncode != 0 and "'cifar10'" in done.stderr and "pets" in done.stderr
+    assert not out.exists()
