@@ -229,24 +229,41 @@ def epochs_for(exp: Experiment, limits) -> int:
     return min(exp.training.epochs, limits.max_epochs or exp.training.epochs)
 
 
+class ScaledBatches(keras.utils.PyDataset):
+    """The batches of ``arrays`` in ``order``, each gathered from the uint8
+    arrays and scaled to float32 in [0, 1] when Keras asks for it: an epoch
+    never holds more than one batch (and the prefetched ones) as floats.
+    Targets are scaled too when they are images (an autoencoder's)."""
+
+    def __init__(self, arrays: Arrays, order: np.ndarray, batch_size: int, image_targets: bool):
+        super().__init__()
+        self.arrays, self.order, self.batch_size, self.image_targets = arrays, order, batch_size, image_targets
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = to_unit_float(self.arrays.x[rows])
+        if self.arrays.y is self.arrays.x:  # an autoencoder reconstructing its input: one gather, not two
+            return x, x
+        y = self.arrays.y[rows]
+        return x, (to_unit_float(y) if self.image_targets else y)
+
+
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
         history: dict, on_epoch) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after each one."""
-    def scaled(arrays: Arrays, rows=slice(None)):
-        x = to_unit_float(arrays.x[rows])
-        if arrays.y is arrays.x:  # an autoencoder reconstructing its input: one array, not two
-            return x, x
-        return x, (to_unit_float(arrays.y[rows]) if exp.task == "autoencoder" else arrays.y[rows])
-
-    x_val, y_val = scaled(val)
+    batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
+    validation = ScaledBatches(val, np.arange(len(val)), batch_size, image_targets)
     guard = NanGuard()
     verbose = 1 if sys.stderr.isatty() else 0  # Keras' bar on a terminal; our line per epoch always
     for epoch in range(start, epochs):
         started = time.perf_counter()
         order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
-        x, y = scaled(train, order)
-        result = model.fit(x, y, batch_size=exp.training.batch_size, epochs=epoch + 1, initial_epoch=epoch,
-                           shuffle=False, validation_data=(x_val, y_val), callbacks=[guard], verbose=verbose)
+        batches = ScaledBatches(train, order, batch_size, image_targets)
+        result = model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
+                           validation_data=validation, callbacks=[guard], verbose=verbose)
         if guard.hit:
             raise TrainingDiverged(
                 f"experiments.{name}: loss became NaN/inf at epoch {guard.hit[0]}, batch {guard.hit[1]}; "

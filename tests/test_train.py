@@ -390,3 +390,28 @@ def test_colorization_scores_the_grey_input_as_its_baseline(lab):
     assert test["psnr_input"] == pytest.approx(metrics.psnr(target, source), abs=1e-4)
     assert test["ssim_input"] == pytest.approx(metrics.ssim(target, source), abs=1e-5)
     assert test["latent_size"] == 4 * 4 * 4 and test["compression_ratio"] == pytest.approx(3.0)
+
+
+def test_batches_are_scaled_one_at_a_time_in_the_epochs_order():
+    """An epoch's images stay uint8: each batch is gathered in the shuffled order
+    and scaled when asked for, the last one short; labels stay labels."""
+    from stages.experiment_data import Arrays
+    from stages.images import to_unit_float
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(10) % 3
+    order = rng.permutation(10)
+    batches = train_mod.ScaledBatches(Arrays(x, labels), order, 4, image_targets=False)
+    assert len(batches) == 3
+    got = [batches[i] for i in range(len(batches))]
+    assert [len(b[0]) for b in got] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), to_unit_float(x[order]))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), labels[order])
+    assert got[0][0].dtype == np.float32 and got[0][1].dtype == labels.dtype
+
+    targets = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    x_b, y_b = train_mod.ScaledBatches(Arrays(x, targets), order, 4, image_targets=True)[2]
+    np.testing.assert_array_equal(y_b, to_unit_float(targets[order[8:]]))
+    x_b, y_b = train_mod.ScaledBatches(Arrays(x, x), order, 4, image_targets=True)[1]
+    assert y_b is x_b  # one array reconstructing itself is gathered and scaled once
