@@ -28,6 +28,9 @@ class Data(_Strict):
 
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+# batch norm's moving statistics keep this share per step (Keras' default 0.99;
+# 0.9 for runs of a few hundred steps, see stages.models.ResNetSpec)
+BnMomentum = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class Training(_Strict):
@@ -98,6 +101,7 @@ class ResidualAutoencoder(_Strict):
     input_skip: bool = False
     # widths of full-resolution convs refining that image (non-linear decoding in the image domain)
     refiner: tuple[Positive, ...] = ()
+    bn_momentum: BnMomentum = 0.99
 
     @model_validator(mode="after")
     def _one_per_level(self) -> "ResidualAutoencoder":
@@ -122,7 +126,7 @@ class ResidualAutoencoder(_Strict):
 
         return ResidualAutoencoderSpec(tuple(self.filters), tuple(self.blocks), self.latent_channels,
                                        self.output_activation, self.linear_path, self.input_skip,
-                                       tuple(self.refiner))
+                                       tuple(self.refiner), self.bn_momentum)
 
 
 class Block(_Strict):
@@ -172,12 +176,14 @@ class ResNet(_Strict):
     dropout: Fraction = 0.0
     logit_scale: Annotated[float, Field(gt=0)] = 1.0
     augment: Augment = Augment()
+    bn_momentum: BnMomentum = 0.99
 
     def spec(self, num_classes: int):
         from stages.models import ResNetSpec, ResStage
 
         return ResNetSpec(self.stem, tuple(ResStage(s.filters, s.blocks, s.pool) for s in self.stages), num_classes,
-                          self.dropout, self.logit_scale, self.augment.flip, self.augment.translate)
+                          self.dropout, self.logit_scale, self.augment.flip, self.augment.translate,
+                          self.bn_momentum)
 
 
 class Evaluation(_Strict):

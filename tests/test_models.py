@@ -197,6 +197,24 @@ def test_resnet_augments_only_in_training():
     np.testing.assert_allclose(np.asarray(model(x, training=False)), np.asarray(model(x, training=False)))
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.99])
+def test_bn_momentum_is_every_batch_norm_layers_and_sets_how_fast_they_forget(momentum):
+    """Short runs need moving statistics that forget their start (mean 0): after
+    30 training steps the stem's moving mean holds momentum**30 of it (4% at
+    0.9, 74% at Keras' 0.99), the rest the batches' mean."""
+    x = np.random.default_rng(0).random((16, 8, 8, 3), dtype=np.float32) + 2.0
+    net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), 3, bn_momentum=momentum), (8, 8, 3))
+    res, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 1), 2, bn_momentum=momentum), (8, 8, 3))
+    for model in (net, res):
+        norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        assert len(norms) >= 4 and {layer.momentum for layer in norms} == {momentum}
+    stem = net.get_layer("stem_bn")
+    batch_mean = np.asarray(keras.Model(net.input, net.get_layer("stem_conv").output)(x)).mean(axis=(0, 1, 2))
+    for _ in range(30):
+        net(x, training=True)
+    np.testing.assert_allclose(np.asarray(stem.moving_mean), (1 - momentum**30) * batch_mean, rtol=1e-3, atol=1e-5)
+
+
 BACKEND_PROBE = """
 import json, numpy as np, keras
 from stages.models import AutoencoderSpec, ClassifierSpec, ConvBlock, build_autoencoder, build_classifier
