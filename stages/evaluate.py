@@ -56,7 +56,7 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     image_mse = per_image_mse(target, image)
     denoising = exp.data.input != exp.data.target
     pca_mse = metrics.pca_reconstruction_mse(
-        to_unit_float(train_targets[rows]), target, n_components=min(latent_size, target[0].size),
+        train_targets[rows], target, n_components=min(latent_size, target[0].size),
         test_inputs=to_unit_float(test.x) if denoising else None)
     results = {
         "mse": metrics.mse(target, output),

@@ -23,6 +23,8 @@ import numpy as np
 from scipy import linalg as sla
 from scipy import ndimage
 
+from stages.images import to_unit_float
+
 logger = logging.getLogger(__name__)
 
 CHUNK_VALUES = 1 << 21
@@ -206,7 +208,10 @@ def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: 
 
     Fitted on at most ``max_train`` images (a seeded subsample); the
     covariance is accumulated chunk by chunk (never a float64 copy of the
-    whole train set) and only the top eigenvectors are computed.
+    whole train set) and only the top eigenvectors are computed. uint8
+    images are scaled by :func:`stages.images.to_unit_float` a chunk at a
+    time (the same numbers as scaling them first, without a float copy of
+    the train images: 245 MB for 20,000 CIFAR-10 images).
     """
     train = np.asarray(train)
     if train.ndim < 2:
@@ -221,13 +226,18 @@ def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: 
     else:
         rows = np.arange(len(train))
     flat = train.reshape(len(train), dim)
+
+    def values(part: slice) -> np.ndarray:
+        chunk = flat[rows[part]]
+        return (to_unit_float(chunk) if chunk.dtype == np.uint8 else chunk).astype(np.float64)
+
     mean = np.zeros(dim, np.float64)
     for part in _chunks(len(rows), dim):
-        mean += np.sum(flat[rows[part]], axis=0, dtype=np.float64)
+        mean += np.sum(values(part), axis=0)
     mean /= len(rows)
     cov = np.zeros((dim, dim), np.float64)
     for part in _chunks(len(rows), dim):
-        centred = flat[rows[part]].astype(np.float64) - mean
+        centred = values(part) - mean
         cov += centred.T @ centred
     cov /= len(rows)
     _, vectors = sla.eigh(cov, subset_by_index=[dim - n_components, dim - 1], overwrite_a=True)

@@ -294,3 +294,20 @@ def test_pca_reconstruction_mse_agrees_with_the_psnr_baseline():
     errors = metrics.pca_reconstruction_mse(train, test, n_components=5)
     assert errors.shape == (10,) and np.all(errors >= 0)
     assert metrics.psnr_from_mse(errors) == pytest.approx(metrics.pca_baseline_psnr(train, test, 5))
+
+
+
+@pytest.mark.parametrize("chunk_values", [None, 64 * 3 * 7])  # one chunk; chunks of 7 images
+def test_pca_of_uint8_images_is_the_pca_of_their_scaled_floats(monkeypatch, chunk_values):
+    """Scaled a chunk at a time (no float copy of the train images): the same
+    mean and components, to the last bit, as scaling them all first."""
+    from stages.images import to_unit_float
+
+    train = np.random.default_rng(3).integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+    if chunk_values:
+        monkeypatch.setattr(metrics, "CHUNK_VALUES", chunk_values)
+    want = metrics.pca_fit(to_unit_float(train), 5, max_train=200)
+    got = metrics.pca_fit(train, 5, max_train=200)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(got[0]).max() <= 1.0  # scaled: a mean of values in [0, 1]
