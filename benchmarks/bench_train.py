@@ -25,8 +25,8 @@ that ran seconds apart. The first round (compiling, the other process still
 starting) and the last (each process's exit work) are left out. The stage
 waits for its turn where it calls ``Model.fit``, once per epoch (the
 wrapper adds that wait; everything else is the stage as DVC runs it), so a
-turn holds all its per-epoch work: scaling the epoch's images, the epoch,
-the validation pass, the checkpoint and the MLflow batch.
+turn holds all its per-epoch work: the epoch (its batches scaled as they
+are drawn), the validation pass, the checkpoint and the MLflow batch.
 
     python benchmarks/bench_train.py                      # mnist_cae and cifar10_cnn
     python benchmarks/bench_train.py --experiments mnist_cae --fraction 1 --epochs 3
