@@ -1,7 +1,7 @@
 """Benchmark: peak resident memory of every stage on a full-size dataset.
 
 Runs the pipeline's stages for one dataset, each in a fresh process with the
-command line ``dvc.yaml`` gives it, in a scratch project: a copy of
+command line ``dvc.yaml`` gives it (read from it), in a scratch project: a copy of
 ``stages/`` and a params.yaml holding the dataset, the corruptions of it that
 the chosen experiments read, and those experiments, with
 ``limits.max_epochs`` set to ``--epochs`` (every epoch repeats the first's
@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -78,23 +79,27 @@ def plan(params: dict, dataset: str, experiments: list[str] | None) -> dict:
 
 
 def commands(scratch: dict) -> list[tuple[str, list[str]]]:
-    """(stage name, command) in pipeline order, as dvc.yaml runs them."""
-    py = [sys.executable, "-m"]
+    """(stage name, command) in pipeline order, each ``cmd`` of dvc.yaml with
+    its ``${key}`` and ``${item.*}`` filled in (``python`` run as this interpreter)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def command(stage: str, key: str | None = None, item: dict | None = None) -> list[str]:
+        text = stages[stage]["do"]["cmd"] if key is not None else stages[stage]["cmd"]
+        for name, value in {"key": key, **{f"item.{k}": v for k, v in (item or {}).items()}}.items():
+            text = text.replace("${%s}" % name, str(value))
+        if "${" in text:
+            raise SystemExit(f"bench_memory: dvc.yaml's {stage} command has a variable this script does not fill: "
+                             f"{text}")
+        words = shlex.split(text)
+        return [sys.executable, *words[1:]] if words[0] == "python" else words
+
     [dataset] = scratch["datasets"]
-    steps = [(f"download@{dataset}", [*py, "stages.download", dataset, "--out", f"data/raw/{dataset}"]),
-             (f"prepare@{dataset}", [*py, "stages.prepare", dataset, "--raw", f"data/raw/{dataset}",
-                                     "--out", f"data/prepared/{dataset}.npz"])]
-    steps += [(f"corrupt@{name}", [*py, "stages.corrupt", name, "--data", f"data/prepared/{dataset}.npz",
-                                   "--out", f"data/corrupted/{name}.npz"]) for name in scratch["corruptions"]]
-    for name in scratch["experiments"]:
-        steps.append((f"train@{name}", [*py, "stages.train", name, "--out", f"models/{name}",
-                                        "--checkpoints", f"checkpoints/{name}"]))
-        steps.append((f"evaluate@{name}", [*py, "stages.evaluate", name, "--model", f"models/{name}",
-                                           "--metrics", f"metrics/{name}.json", "--reports", f"reports/{name}",
-                                           "--plots", f"plots/{name}.json"]))
-    steps.append(("report", [*py, "stages.report", "--metrics", "metrics", "--reports", "reports",
-                             "--models", "models", "--out", "reports", "--plots", "plots"]))
-    return steps
+    steps = [(f"{stage}@{dataset}", command(stage, dataset, scratch["datasets"][dataset]))
+             for stage in ("download", "prepare")]
+    steps += [(f"corrupt@{name}", command("corrupt", name, item)) for name, item in scratch["corruptions"].items()]
+    for name, item in scratch["experiments"].items():
+        steps += [(f"{stage}@{name}", command(stage, name, item)) for stage in ("train", "evaluate")]
+    return [*steps, ("report", command("report"))]
 
 
 def images(project: Path, dataset: str) -> dict[str, int]:
