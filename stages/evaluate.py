@@ -33,52 +33,61 @@ log = logging.getLogger("stages.evaluate")
 GRID_IMAGES = 10
 
 
-def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Predictions in float32, scaling one batch of uint8 images at a time."""
-    return np.concatenate([
-        np.asarray(model.predict_on_batch(to_unit_float(x_uint8[i:i + batch_size])), dtype=np.float32)
-        for i in range(0, len(x_uint8), batch_size)
-    ])
+def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Predictions in float32, scaling one batch of uint8 images at a time.
 
-
-def per_image_mse(target: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    return np.mean(np.square(target - pred).reshape(len(target), -1), axis=1, dtype=np.float64)
+    The output array is allocated once and filled batch by batch (no list of
+    parts to concatenate: that held the predictions twice).
+    """
+    out = None
+    for i in range(0, len(x_uint8), batch_size):
+        part = np.asarray(model.predict_on_batch(to_unit_float(x_uint8[i:i + batch_size])), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(x_uint8), *part.shape[1:]), np.float32)
+        out[i:i + len(part)] = part
+    if out is None:
+        raise PipelineError("no test images to predict")
+    return out
 
 
 def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
+    # targets and inputs stay uint8 (the metrics scale them a chunk at a time);
+    # the predictions are the only float copy of the test set, clipped in place
+    # once the scores of the raw output are taken
     test = data.split("test")
-    target, output = to_unit_float(test.y), predict(model, test.x)
-    image = np.clip(output, 0.0, 1.0)
+    target, output = test.y, predict(model, test.x)
     latent = model_latent_shape(exp.model.spec(), target.shape[1:])
     train_targets = data.split(*exp.data.train_on.split("+")).y
     rows = metrics.pca_rows(len(train_targets))
     latent_size = int(np.prod(latent))
-    image_mse = per_image_mse(target, image)
     denoising = exp.data.input != exp.data.target
     pca_mse = metrics.pca_reconstruction_mse(
         train_targets[rows], target, n_components=min(latent_size, target[0].size),
-        test_inputs=to_unit_float(test.x) if denoising else None)
+        test_inputs=test.x if denoising else None)
     results = {
         "mse": metrics.mse(target, output),
         "bce": metrics.bce(target, output),
+        "keras_accuracy": metrics.keras_accuracy(target, output),
+    }
+    image = np.clip(output, 0.0, 1.0, out=output)
+    image_mse = metrics.mse_per_image(target, image)
+    results.update({
         # PSNR two ways: the mean of per-image PSNR, and the PSNR of the pooled MSE
         "psnr": metrics.psnr_from_mse(image_mse),
         "psnr_pooled": metrics.psnr_from_mse(image_mse, pooled=True),
         "ssim": metrics.ssim(target, image),
-        "keras_accuracy": metrics.keras_accuracy(target, output),
         "latent_size": latent_size,
         "compression_ratio": metrics.compression_ratio(target.shape[1:], latent),
         "pca_baseline_psnr": metrics.psnr_from_mse(pca_mse),
         "pca_baseline_psnr_pooled": metrics.psnr_from_mse(pca_mse, pooled=True),
-    }
+    })
     grid = {"original": target[:GRID_IMAGES]}
     if denoising:
-        noisy = to_unit_float(test.x)
-        noisy_mse = per_image_mse(target, noisy)
+        noisy_mse = metrics.mse_per_image(target, test.x)
         results["psnr_input"] = metrics.psnr_from_mse(noisy_mse)
         results["psnr_input_pooled"] = metrics.psnr_from_mse(noisy_mse, pooled=True)
-        results["ssim_input"] = metrics.ssim(target, noisy)
-        grid["corrupted input"] = noisy[:GRID_IMAGES]
+        results["ssim_input"] = metrics.ssim(target, test.x)
+        grid["corrupted input"] = test.x[:GRID_IMAGES]
     grid["reconstruction"] = image[:GRID_IMAGES]
     plots.reconstruction_grid(grid, folder / "reconstructions.png", max_images=GRID_IMAGES)
     return results
@@ -108,7 +117,7 @@ def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> 
         "per_class_accuracy": dict(zip(data.class_names, map(float, per_class))),
     }, indent=2) + "\n")
     plots.confusion_matrix_plot(cm, data.class_names, folder / "confusion_matrix.png")
-    plots.misclassified_grid(to_unit_float(test.x), labels, predicted, data.class_names,
+    plots.misclassified_grid(test.x, labels, predicted, data.class_names,
                              folder / "misclassified.png")
     results = {"accuracy": float((predicted == labels).mean()), "loss": float(-np.log(chosen).mean()),
                "min_class_accuracy": float(per_class.min())}

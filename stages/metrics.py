@@ -2,10 +2,12 @@
 
 Kept free of Keras/TensorFlow so that evaluation, reports and tests can score
 saved predictions without building a model, and so the numbers do not depend
-on a backend's float32 kernels. Inputs are float NHWC arrays in [0, 1] (made
-by :func:`stages.images.to_unit_float`); everything is accumulated in float64
-and processed in chunks of images, so scoring the 10,000 CIFAR-10 test images
-stays within a few hundred MB.
+on a backend's float32 kernels. Inputs are NHWC arrays: float in [0, 1], or
+the uint8 pixels themselves, which are scaled by
+:func:`stages.images.to_unit_float` one chunk at a time (the same numbers as
+scaling them first). Everything is accumulated in float64 and processed in
+chunks of images, so scoring the 10,000 CIFAR-10 test images never holds a
+float copy of the test set (123 MB in float32) beyond the predictions.
 
 Why several metrics: the questions this project answers compared autoencoders
 by Keras' ``accuracy``, which for images is not a quality measure at all (see
@@ -55,6 +57,12 @@ def _chunks(n: int, values_per_image: int) -> Iterator[slice]:
         yield slice(start, min(n, start + step))
 
 
+def _values(chunk: np.ndarray) -> np.ndarray:
+    """A chunk in float64: uint8 pixels scaled to [0, 1] first, floats as they are."""
+    chunk = np.asarray(chunk)
+    return np.asarray(to_unit_float(chunk) if chunk.dtype == np.uint8 else chunk, np.float64)
+
+
 def _per_image_values(array: np.ndarray) -> int:
     return int(np.prod(array.shape[1:], dtype=np.int64)) if array.ndim > 1 else 1
 
@@ -65,7 +73,7 @@ def mse(target: np.ndarray, pred: np.ndarray) -> float:
     target, pred = np.atleast_1d(target), np.atleast_1d(pred)
     total = 0.0
     for part in _chunks(len(target), _per_image_values(target)):
-        diff = np.asarray(target[part], np.float64) - pred[part]
+        diff = _values(target[part]) - _values(pred[part])
         total += float(np.sum(np.square(diff)))
     return total / target.size
 
@@ -80,21 +88,29 @@ def bce(target: np.ndarray, pred: np.ndarray, eps: float = 1e-7) -> float:
     target, pred = np.atleast_1d(target), np.atleast_1d(pred)
     total = 0.0
     for part in _chunks(len(target), _per_image_values(target)):
-        t = np.asarray(target[part], np.float64)
-        p = np.clip(np.asarray(pred[part], np.float64), eps, 1.0 - eps)
+        t = _values(target[part])
+        p = np.clip(_values(pred[part]), eps, 1.0 - eps)
         total -= float(np.sum(t * np.log(p) + (1.0 - t) * np.log1p(-p)))
     return total / target.size
 
 
-def psnr_per_image(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> np.ndarray:
-    """PSNR in dB of each image (first axis), MSE floored at MSE_FLOOR."""
+def mse_per_image(target: np.ndarray, pred: np.ndarray, clip: bool = False) -> np.ndarray:
+    """MSE of each image (first axis), in float64; with ``clip`` the
+    predictions are clipped to [0, 1] first (what an image viewer shows)."""
     target, pred = _check_pair(target, pred)
     if target.ndim < 2:
         raise ValueError(f"expected a batch of images, got shape {target.shape}")
     mses = np.empty(len(target), np.float64)
     for part in _chunks(len(target), _per_image_values(target)):
-        diff = np.asarray(target[part], np.float64) - pred[part]
+        p = _values(pred[part])
+        diff = _values(target[part]) - (np.clip(p, 0.0, 1.0) if clip else p)
         mses[part] = np.mean(np.square(diff).reshape(len(diff), -1), axis=1)
+    return mses
+
+
+def psnr_per_image(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """PSNR in dB of each image (first axis), MSE floored at MSE_FLOOR."""
+    mses = mse_per_image(target, pred)
     return 10.0 * np.log10(float(data_range) ** 2 / np.maximum(mses, MSE_FLOOR))
 
 
@@ -127,8 +143,8 @@ def ssim(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> float
 
     total = 0.0
     for part in _chunks(len(target), _per_image_values(target)):
-        x = np.asarray(target[part], np.float64)
-        y = np.asarray(pred[part], np.float64)
+        x = _values(target[part])
+        y = _values(pred[part])
         mu_x, mu_y = blur(x), blur(y)
         var_x = blur(x * x) - mu_x * mu_x
         var_y = blur(y * y) - mu_y * mu_y
@@ -160,7 +176,7 @@ def keras_accuracy(target: np.ndarray, pred: np.ndarray) -> float:
     hits = 0
     for part in _chunks(len(target), _per_image_values(target)):
         if binary:
-            hits += int(np.count_nonzero(target[part] == (pred[part] > 0.5)))
+            hits += int(np.count_nonzero(_values(target[part]) == (_values(pred[part]) > 0.5)))
         else:
             hits += int(np.count_nonzero(np.argmax(target[part], -1) == np.argmax(pred[part], -1)))
     return hits / (target.size if binary else target.size // target.shape[-1])
@@ -227,17 +243,13 @@ def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: 
         rows = np.arange(len(train))
     flat = train.reshape(len(train), dim)
 
-    def values(part: slice) -> np.ndarray:
-        chunk = flat[rows[part]]
-        return (to_unit_float(chunk) if chunk.dtype == np.uint8 else chunk).astype(np.float64)
-
     mean = np.zeros(dim, np.float64)
     for part in _chunks(len(rows), dim):
-        mean += np.sum(values(part), axis=0)
+        mean += np.sum(_values(flat[rows[part]]), axis=0)
     mean /= len(rows)
     cov = np.zeros((dim, dim), np.float64)
     for part in _chunks(len(rows), dim):
-        centred = values(part) - mean
+        centred = _values(flat[rows[part]]) - mean
         cov += centred.T @ centred
     cov /= len(rows)
     _, vectors = sla.eigh(cov, subset_by_index=[dim - n_components, dim - 1], overwrite_a=True)
@@ -278,8 +290,8 @@ def pca_reconstruction_mse(
         input_flat = test_inputs.reshape(len(test), dim)
     errors = np.empty(len(test), np.float64)
     for part in _chunks(len(test), dim):
-        original = test_flat[part].astype(np.float64)
-        codes = (input_flat[part].astype(np.float64) - mean) @ vectors
+        original = _values(test_flat[part])
+        codes = (_values(input_flat[part]) - mean) @ vectors
         recon = np.clip(codes @ vectors.T + mean, 0.0, 1.0)
         errors[part] = np.mean((original - recon) ** 2, axis=1)
     return errors

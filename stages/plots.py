@@ -160,14 +160,14 @@ def misclassified_grid(
         ax.text(0.5, 0.5, "no misclassified examples", ha="center", va="center", fontsize=12)
         ax.set_axis_off()
         return _save(fig, path)
-    images = _as_unit(images)
+    images = _as_unit(np.asarray(images)[shown])  # only the shown ones (uint8 test sets stay uint8)
     cols = math.ceil(math.sqrt(shown.size))
     rows = math.ceil(shown.size / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.8 * rows + 0.4), squeeze=False)
     for ax in axes.flat[shown.size:]:
         ax.set_axis_off()
-    for ax, index in zip(axes.flat, shown):
-        _show(ax, images[index])
+    for ax, image, index in zip(axes.flat, images, shown):
+        _show(ax, image)
         ax.set_title(f"{class_names[labels[index]]} → {class_names[predictions[index]]}", fontsize=8)
     fig.suptitle(f"{wrong.size} of {len(labels)} misclassified (showing {shown.size})", fontsize=10)
     fig.tight_layout()

@@ -311,3 +311,36 @@ def test_pca_of_uint8_images_is_the_pca_of_their_scaled_floats(monkeypatch, chun
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     assert np.abs(got[0]).max() <= 1.0  # scaled: a mean of values in [0, 1]
+
+
+@pytest.mark.parametrize("chunk_values", [None, 8 * 8 * 3 * 7])  # one chunk; chunks of 7 images
+@pytest.mark.parametrize("channels", [1, 3])  # binary and categorical keras_accuracy
+def test_uint8_targets_and_inputs_score_exactly_like_their_scaled_floats(monkeypatch, chunk_values, channels):
+    """evaluate passes the uint8 test images (no float copy of the test set):
+    every metric must give the same bits as with to_unit_float's floats."""
+    from stages.images import to_unit_float
+
+    if chunk_values:
+        monkeypatch.setattr(metrics, "CHUNK_VALUES", chunk_values)
+    rng = np.random.default_rng(5)
+    target = rng.integers(0, 256, (30, 8, 8, channels), dtype=np.uint8)
+    target[:3] = 255 * (target[:3] > 127)  # exact 0/1 pixels, the only ones binary accuracy can count
+    noisy = rng.integers(0, 256, target.shape, dtype=np.uint8)
+    output = rng.uniform(-0.1, 1.1, target.shape).astype(np.float32)  # unclipped, as a model's can be
+    scaled, noisy_scaled = to_unit_float(target), to_unit_float(noisy)
+    for fn in (mse, bce, ssim, keras_accuracy, metrics.mse_per_image, psnr_per_image):
+        np.testing.assert_array_equal(fn(target, output), fn(scaled, output), err_msg=fn.__name__)
+        np.testing.assert_array_equal(fn(target, noisy), fn(scaled, noisy_scaled), err_msg=fn.__name__)
+    assert keras_accuracy(target, output) > 0
+    train = rng.integers(0, 256, (40, 8, 8, channels), dtype=np.uint8)
+    np.testing.assert_array_equal(pca_reconstruction_mse(train, target, 4, test_inputs=noisy),
+                                  pca_reconstruction_mse(train, scaled, 4, test_inputs=noisy_scaled))
+
+
+def test_mse_per_image_clips_predictions_only_when_asked():
+    target = np.zeros((2, 2, 2, 1))
+    pred = np.stack([np.full((2, 2, 1), 1.5), np.full((2, 2, 1), -0.5)])
+    np.testing.assert_allclose(metrics.mse_per_image(target, pred), [2.25, 0.25])
+    np.testing.assert_allclose(metrics.mse_per_image(target, pred, clip=True), [1.0, 0.0])
+    with pytest.raises(ValueError, match="batch of images"):
+        metrics.mse_per_image(np.zeros(3), np.zeros(3))

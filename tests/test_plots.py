@@ -115,6 +115,17 @@ def test_misclassified_grid(tmp_path, closed_figures, channels):
     assert titles == ["car → bird", "plane → car", "bird → plane"]
 
 
+def test_misclassified_grid_scales_only_the_uint8_images_it_shows(tmp_path, closed_figures):
+    images = np.random.default_rng(1).integers(0, 256, (8, 12, 12, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    predictions = np.array([0, 2, 2, 1, 1, 0, 0, 0])
+    misclassified_grid(images, labels, predictions, CLASSES, tmp_path / "m.png", max_images=3)
+    shown = [ax.get_images()[0].get_array() for ax in closed_figures[0].axes if ax.get_images()]
+    assert len(shown) == 3
+    for got, index in zip(shown, [1, 3, 5]):
+        np.testing.assert_allclose(got, images[index] / 255.0, atol=1e-6)
+
+
 def test_misclassified_grid_without_mistakes_still_writes(tmp_path, closed_figures):
     labels = np.array([0, 1, 2])
     path = misclassified_grid(_images(3, 3), labels, labels.copy(), CLASSES, tmp_path / "none.png")

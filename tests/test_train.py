@@ -357,6 +357,33 @@ def test_a_linear_path_autoencoder_starts_where_the_pca_baseline_is(lab):
     assert test["psnr"] == pytest.approx(test["pca_baseline_psnr"], abs=0.01)
 
 
+def test_autoencoder_metrics_match_the_model(lab):
+    """Scored from the uint8 test images and one float copy of the predictions,
+    clipped in place: the raw output's MSE and the clipped images' PSNR are
+    what the model's own predictions give."""
+    import keras
+
+    from stages.images import to_unit_float
+
+    experiment = {**AE, "model": {"kind": "residual_autoencoder", "filters": [4, 8], "blocks": [0, 1],
+                                  "latent_channels": 2, "output_activation": "linear"},
+                  "training": {"loss": "mse", "learning_rate": 0.01, "epochs": 1, "batch_size": 16}}
+    _params(lab, {"lin": experiment})
+    assert train_mod.main(["lin"]) == 0
+    assert evaluate_mod.main(["lin"]) == 0
+    test = json.loads((lab / "metrics/lin.json").read_text())["test"]
+    target = to_unit_float(_dataset().splits["test"].images).astype(np.float64)
+    model = keras.models.load_model(lab / "models/lin/model.keras")
+    output = np.asarray(model.predict(target.astype(np.float32), verbose=0), np.float64)
+    assert output.min() < 0 or output.max() > 1  # a linear output: clipping is tested
+    np.testing.assert_allclose(evaluate_mod.predict(model, _dataset().splits["test"].images, batch_size=16),
+                               output, atol=1e-6)  # 40 images in batches of 16: the last one short
+    image_mse = np.mean(np.square(target - np.clip(output, 0, 1)).reshape(len(target), -1), axis=1)
+    assert test["mse"] == pytest.approx(np.mean(np.square(target - output)), abs=2e-6)
+    assert test["psnr"] == pytest.approx(np.mean(10 * np.log10(1 / image_mse)), abs=2e-5)
+    assert test["psnr_pooled"] == pytest.approx(10 * np.log10(1 / image_mse.mean()), abs=2e-5)
+
+
 def test_colour_accuracy_groups_the_test_digits_by_their_channel():
     from stages.corruptions import colorize_channel
 
