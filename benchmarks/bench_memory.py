@@ -7,7 +7,10 @@ the chosen experiments read, and those experiments, with
 ``limits.max_epochs`` set to ``--epochs`` (every epoch repeats the first's
 allocations, so one shows the peak). In order: download (from DATA_MIRROR,
 else the params' mirror or the official host), prepare, each corruption,
-train and evaluate of each experiment, and report. Each process's peak
+train and evaluate of each experiment, and report. With ``--untrained`` the
+train stage is replaced by saving an untrained model of the experiment's
+architecture (not measured): evaluate's memory does not depend on the
+weights, so its rows come in minutes instead of an epoch's hours. Each process's peak
 resident set size comes from ``wait4`` (the largest of the process and its
 children), its wall time beside it. Printed as a table and saved
 (benchmarks/results/bench_memory-<dataset>.json, or ``--out``) with machine,
@@ -16,6 +19,7 @@ backend, versions and date.
     DATA_MIRROR=../shared/datasets python benchmarks/bench_memory.py          # CIFAR-10
     DATA_MIRROR=../shared/datasets python benchmarks/bench_memory.py --experiments cifar10_cnn
     python benchmarks/bench_memory.py --dataset mnist --limit-mib 1536
+    python benchmarks/bench_memory.py --untrained --experiments cifar10_colorize cifar10_cnn_plus
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +79,49 @@ def plan(params: dict, dataset: str, experiments: list[str] | None) -> dict:
         raise SystemExit(f"bench_memory: no experiment on {dataset!r} to run; name some with --experiments")
     used = sorted({ref.split("/", 1)[1] for name in experiments for ref in data_refs(all_experiments[name])
                    if ref.startswith("corrupted/")})
+    chosen = {name: dict(all_experiments[name]) for name in experiments}
+    for exp in chosen.values():  # an improved experiment measured without its seed: nothing to pair it with
+        if exp.get("improves_on") not in (None, *chosen):
+            del exp["improves_on"]
     return {**params, "datasets": {dataset: params["datasets"][dataset]},
-            "corruptions": {name: corruptions[name] for name in used},
-            "experiments": {name: all_experiments[name] for name in experiments}}
+            "corruptions": {name: corruptions[name] for name in used}, "experiments": chosen}
 
 
-def commands(scratch: dict) -> list[tuple[str, list[str]]]:
+def save_untrained(name: str) -> None:
+    """In the scratch project: what train@name leaves for evaluate, from an untrained model.
+
+    The model is built and compiled as train builds it (a ``linear_path``
+    autoencoder starts from its PCA); its history is its loss on the first
+    256 validation images, a single point for the curves plot; the MLflow
+    run is a new, empty one.
+    """
+    import mlflow
+
+    from stages import params as params_mod, tracking, train
+    from stages.experiment_data import Arrays, ExperimentData
+
+    exp = params_mod.experiment(params_mod.load(Path("params.yaml")), name)
+    data = ExperimentData(name, exp)
+    fit_on, val = data.training()
+    model = train.build(name, exp, fit_on.x.shape[1:], len(data.class_names), 1, 1, fit_on.y)
+    n = min(256, len(val))
+    batches = train.ScaledBatches(Arrays(val.x[:n], val.y[:n]), np.arange(n), n,
+                                  image_targets=exp.task == "autoencoder")
+    loss = model.evaluate(batches, verbose=0, return_dict=True)["loss"]
+    out = Path("models") / name
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.keras")
+    (out / "history.json").write_text(json.dumps({"untrained_val_loss": [float(loss)]}) + "\n")
+    experiment_id = tracking.connect(exp.task)
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tag("bench_memory", "untrained model")
+    tracking.save_run_ref(out / "run.json", run.info.run_id, experiment_id)
+
+
+def commands(scratch: dict, untrained: bool = False) -> list[tuple[str, list[str]]]:
     """(stage name, command) in pipeline order, each ``cmd`` of dvc.yaml with
-    its ``${key}`` and ``${item.*}`` filled in (``python`` run as this interpreter)."""
+    its ``${key}`` and ``${item.*}`` filled in (``python`` run as this interpreter).
+    With ``untrained``, each train is an ``untrained@`` step that this script runs."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
     def command(stage: str, key: str | None = None, item: dict | None = None) -> list[str]:
@@ -98,7 +139,9 @@ def commands(scratch: dict) -> list[tuple[str, list[str]]]:
              for stage in ("download", "prepare")]
     steps += [(f"corrupt@{name}", command("corrupt", name, item)) for name, item in scratch["corruptions"].items()]
     for name, item in scratch["experiments"].items():
-        steps += [(f"{stage}@{name}", command(stage, name, item)) for stage in ("train", "evaluate")]
+        steps.append((f"untrained@{name}", [sys.executable, str(Path(__file__).resolve()), "--save-untrained", name])
+                     if untrained else (f"train@{name}", command("train", name, item)))
+        steps.append((f"evaluate@{name}", command("evaluate", name, item)))
     return [*steps, ("report", command("report"))]
 
 
@@ -108,13 +151,18 @@ def images(project: Path, dataset: str) -> dict[str, int]:
     return {name: len(split) for name, split in load(project / "data/prepared" / f"{dataset}.npz").splits.items()}
 
 
-def measure(scratch: dict, work: Path) -> tuple[list[dict], dict[str, int]]:
+def measure(scratch: dict, work: Path, untrained: bool = False) -> tuple[list[dict], dict[str, int]]:
     project = work / "project"
     shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     (project / "params.yaml").write_text(yaml.safe_dump(scratch, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     rows, counts = [], {}
-    for stage, cmd in commands(scratch):
+    for stage, cmd in commands(scratch, untrained):
+        if stage.startswith("untrained@"):  # not a pipeline stage: not measured
+            done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"bench_memory: {stage} failed:\n{done.stderr[-3000:]}")
+            continue
         seconds, peak_mib, _ = timed(cmd, project, env)
         rows.append({"stage": stage, "wall_s": round(seconds, 1), "peak_rss_mib": peak_mib})
         log.info("%s: %.1f s, peak RSS %d MiB", stage, seconds, peak_mib)
@@ -138,8 +186,14 @@ def main(argv=None) -> int:
                         "improve on none)")
     parser.add_argument("--epochs", type=int, default=1, help="limits.max_epochs for train (default: %(default)s)")
     parser.add_argument("--limit-mib", type=int, default=2048, help="the peak to stay under (default: %(default)s)")
+    parser.add_argument("--untrained", action="store_true", help="evaluate untrained models instead of "
+                        "training (evaluate's memory does not depend on the weights); no train rows")
+    parser.add_argument("--save-untrained", metavar="EXPERIMENT", help=argparse.SUPPRESS)  # the untrained@ step
     parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/bench_memory-<dataset>.json)")
     args = parser.parse_args(argv)
+    if args.save_untrained:
+        save_untrained(args.save_untrained)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, not {args.epochs}")
@@ -150,15 +204,16 @@ def main(argv=None) -> int:
     scratch = plan(params, args.dataset, args.experiments)
     scratch["limits"] = {**(params.get("limits") or {}), "max_epochs": args.epochs, "max_samples": None}
     with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
-        rows, counts = measure(scratch, Path(tmp))
-    result = {"machine": machine(), "dataset": args.dataset, "images": counts, "epochs": args.epochs,
+        rows, counts = measure(scratch, Path(tmp), args.untrained)
+    result = {"machine": machine(), "dataset": args.dataset, "images": counts,
+              "epochs": 0 if args.untrained else args.epochs, "untrained": args.untrained,
               "mirror": os.environ.get("DATA_MIRROR"), "limit_mib": args.limit_mib, "stages": rows}
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_memory-{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     over = [r["stage"] for r in rows if r["peak_rss_mib"] >= args.limit_mib]
     print(table(rows, args.limit_mib))
-    print(f"{args.dataset} {counts}, {args.epochs} epoch(s); over {args.limit_mib} MiB: {', '.join(over) or 'none'}; "
+    print(f"{args.dataset} {counts}, {'untrained models' if args.untrained else f'{args.epochs} epoch(s)'}; over {args.limit_mib} MiB: {', '.join(over) or 'none'}; "
           f"saved {out}")
     return 0
 

@@ -63,3 +63,17 @@ def test_an_experiment_not_on_the_dataset_is_named_and_nothing_is_written(tmp_pa
     done = _bench("--params", str(params), "--dataset", "cifar10", "--out", str(out), cwd=tmp_path)
     assert done.returncode != 0 and "'cifar10'" in done.stderr and "pets" in done.stderr
     assert not out.exists()
+
+
+def test_untrained_models_measure_evaluate_without_training(tmp_path):
+    out = tmp_path / "results.json"
+    done = _bench("--params", str(_params(tmp_path)), "--dataset", "pets", "--experiments", "pets_dae_plus",
+                  "--untrained", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [row["stage"] for row in result["stages"]] == ["download@pets", "prepare@pets", "corrupt@pets_noisy",
+                                                          "evaluate@pets_dae_plus", "report"]
+    assert result["untrained"] is True and result["epochs"] == 0
+    peak = {row["stage"]: row["peak_rss_mib"] for row in result["stages"]}
+    assert peak["evaluate@pets_dae_plus"] > 2 * peak["download@pets"] > 0
+    assert "untrained models" in done.stdout
