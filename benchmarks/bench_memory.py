@@ -213,8 +213,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     over = [r["stage"] for r in rows if r["peak_rss_mib"] >= args.limit_mib]
     print(table(rows, args.limit_mib))
-    print(f"{args.dataset} {counts}, {'untrained models' if args.untrained else f'{args.epochs} epoch(s)'}; over {args.limit_mib} MiB: {', '.join(over) or 'none'}; "
-          f"saved {out}")
+    trained = "untrained models" if args.untrained else f"{args.epochs} epoch(s)"
+    print(f"{args.dataset} {counts}, {trained}; over {args.limit_mib} MiB: {', '.join(over) or 'none'}; saved {out}")
     return 0
 
 

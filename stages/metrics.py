@@ -94,16 +94,14 @@ def bce(target: np.ndarray, pred: np.ndarray, eps: float = 1e-7) -> float:
     return total / target.size
 
 
-def mse_per_image(target: np.ndarray, pred: np.ndarray, clip: bool = False) -> np.ndarray:
-    """MSE of each image (first axis), in float64; with ``clip`` the
-    predictions are clipped to [0, 1] first (what an image viewer shows)."""
+def mse_per_image(target: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """MSE of each image (first axis), in float64."""
     target, pred = _check_pair(target, pred)
     if target.ndim < 2:
         raise ValueError(f"expected a batch of images, got shape {target.shape}")
     mses = np.empty(len(target), np.float64)
     for part in _chunks(len(target), _per_image_values(target)):
-        p = _values(pred[part])
-        diff = _values(target[part]) - (np.clip(p, 0.0, 1.0) if clip else p)
+        diff = _values(target[part]) - _values(pred[part])
         mses[part] = np.mean(np.square(diff).reshape(len(diff), -1), axis=1)
     return mses
 
