@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 Positive = Annotated[int, Field(ge=1)]
 DataRef = Annotated[str, Field(pattern=r"^(prepared|corrupted)/[A-Za-z0-9_.-]+$")]
@@ -51,6 +51,9 @@ class Training(_Strict):
     mixed_precision: bool = False  # bf16 compute, float32 variables
     jit_compile: bool | Literal["auto"] = "auto"  # XLA
     steps_per_execution: Positive = 1
+    # update the weights every N batches with their mean gradient: the optimizer
+    # sees batch_size x N images a step while only batch_size are in memory
+    gradient_accumulation_steps: Annotated[int, Field(ge=2)] | None = None
     # data_parallel: one replica per visible device (GPUs, else CPUs), batch_size the global batch
     distribution: Literal["none", "data_parallel"] = "none"
 
@@ -64,7 +67,20 @@ class Training(_Strict):
             raise ValueError(f"momentum and nesterov apply to optimizer sgd, not '{self.optimizer}'")
         if self.weight_decay is not None and self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"weight_decay applies to optimizer adamw or sgd, not '{self.optimizer}'")
+        if self.gradient_accumulation_steps and self.distribution != "none":
+            raise ValueError("gradient_accumulation_steps is not supported with distribution "
+                             f"'{self.distribution}' (each replica's batch is already a share of batch_size)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _unset_accumulation_left_out(self, handler):
+        # absent when unset: the dumped config of an experiment that does not
+        # use it, which train's checkpoint fingerprint hashes, stays what it was
+        # before the option existed (those checkpoints still resume)
+        data = handler(self)
+        if self.gradient_accumulation_steps is None:
+            data.pop("gradient_accumulation_steps", None)
+        return data
 
 
 class ConvAutoencoder(_Strict):

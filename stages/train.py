@@ -87,6 +87,8 @@ def optimizer_for(t, total_steps: int) -> keras.optimizers.Optimizer:
     """The optimizer ``training`` names, at its constant rate or on its schedule
     over ``total_steps``; unset options keep Keras' defaults."""
     options = {}
+    if t.gradient_accumulation_steps:  # a schedule still counts every batch: total_steps are batches
+        options["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     if t.learning_rate is not None:
         options["learning_rate"] = recipes.schedule(t.schedule, t.learning_rate, total_steps, t.warmup)
     if t.optimizer == "sgd":

@@ -85,6 +85,11 @@ AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "pre
          "'experiments.ae.training': momentum and nesterov apply to optimizer sgd, not 'adam'"),
         ("experiments.ae.training.weight_decay", 0.01,
          "'experiments.ae.training': weight_decay applies to optimizer adamw or sgd, not 'adam'"),
+        ("experiments.ae.training.gradient_accumulation_steps", 1,
+         "'experiments.ae.training.gradient_accumulation_steps' = 1: Input should be greater than or equal to 2"),
+        ("experiments.ae.training", {"loss": "mse", "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 2,
+                                     "distribution": "data_parallel"},
+         "'experiments.ae.training': gradient_accumulation_steps is not supported with distribution 'data_parallel'"),
         ("experiments.ae.training.label_smoothing", 0.1,
          "'experiments.ae': training.label_smoothing applies to classifiers"),
         ("experiments.ae.evaluation", {"flip_tta": True}, "'experiments.ae': evaluation.flip_tta applies to classifiers"),
@@ -170,3 +175,14 @@ def test_defaults():
     assert loaded.limits.max_samples is None and loaded.limits.max_epochs is None
     assert loaded.datasets["mnist"].split.val_fraction == 0.1
     assert loaded.download.retries == 4
+
+
+def test_unset_gradient_accumulation_is_left_out_of_the_dumped_config():
+    """The dump is what train's checkpoint fingerprint and MLflow's params
+    hold: an experiment without the option dumps as before it existed."""
+    from stages.experiment_params import Training
+
+    unset = Training(loss="mse", epochs=1, batch_size=8).model_dump(mode="json")
+    assert "gradient_accumulation_steps" not in unset and unset["batch_size"] == 8
+    assert Training(loss="mse", epochs=1, batch_size=8,
+                    gradient_accumulation_steps=4).model_dump(mode="json")["gradient_accumulation_steps"] == 4

@@ -384,6 +384,39 @@ def test_autoencoder_metrics_match_the_model(lab):
     assert test["psnr_pooled"] == pytest.approx(10 * np.log10(1 / image_mse.mean()), abs=2e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_gradient_accumulation_steps_once_with_the_mean_gradient_of_its_batches(optimizer):
+    """Two batches of 4 with accumulation 2 are one optimizer step on their
+    mean gradient: the weights equal one step on the batch of 8; after the
+    first batch alone they have not moved."""
+    import keras
+
+    from stages.experiment_params import Training
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8, 2)).astype(np.float32)
+
+    def fitted(batch_size, accumulate, n=8):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(4, activation="tanh")(inputs)))
+        t = Training(loss="mse", optimizer=optimizer, learning_rate=0.1, epochs=1, batch_size=batch_size,
+                     gradient_accumulation_steps=accumulate)
+        model.compile(optimizer=train_mod.optimizer_for(t, total_steps=2), loss="mse")
+        start = [w.copy() for w in model.get_weights()]
+        model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+        return start, model.get_weights()
+
+    start, whole = fitted(8, None)
+    _, accumulated = fitted(4, 2)
+    for a, b, s in zip(accumulated, whole, start):
+        assert not np.allclose(b, s)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    start, half = fitted(4, 2, n=4)
+    for a, s in zip(half, start):
+        np.testing.assert_array_equal(a, s)
+
+
 def test_colour_accuracy_groups_the_test_digits_by_their_channel():
     from stages.corruptions import colorize_channel
 
