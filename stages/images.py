@@ -43,6 +43,12 @@ def to_unit_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
+def as_unit(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels scaled by :func:`to_unit_float`; float images (already in [0, 1]) as they are."""
+    images = np.asarray(images)
+    return to_unit_float(images) if images.dtype == np.uint8 else images
+
+
 @dataclass
 class Split:
     images: np.ndarray  # uint8, (N, H, W, C)

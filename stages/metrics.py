@@ -25,7 +25,7 @@ import numpy as np
 from scipy import linalg as sla
 from scipy import ndimage
 
-from stages.images import to_unit_float
+from stages.images import as_unit
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def _chunks(n: int, values_per_image: int) -> Iterator[slice]:
 
 def _values(chunk: np.ndarray) -> np.ndarray:
     """A chunk in float64: uint8 pixels scaled to [0, 1] first, floats as they are."""
-    chunk = np.asarray(chunk)
-    return np.asarray(to_unit_float(chunk) if chunk.dtype == np.uint8 else chunk, np.float64)
+    return np.asarray(as_unit(chunk), np.float64)
 
 
 def _per_image_values(array: np.ndarray) -> int:

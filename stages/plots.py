@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from stages.images import to_unit_float  # noqa: E402
+from stages.images import as_unit  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ def _save(fig: plt.Figure, path: Path | str) -> Path:
         plt.close(fig)
     logger.info("wrote %s", path)
     return path
-
-
-def _as_unit(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    return to_unit_float(images) if images.dtype == np.uint8 else images
 
 
 def _show(ax: plt.Axes, image: np.ndarray) -> None:
@@ -77,7 +72,7 @@ def reconstruction_grid(rows: Mapping[str, np.ndarray], path: Path | str, max_im
     """
     if not rows:
         raise ValueError("reconstruction_grid needs at least one row")
-    arrays = {name: _as_unit(images) for name, images in rows.items()}
+    arrays = {name: as_unit(images) for name, images in rows.items()}
     count = min(max_images, *(len(images) for images in arrays.values()))
     if count < 1:
         raise ValueError("reconstruction_grid got no images")
@@ -160,7 +155,7 @@ def misclassified_grid(
         ax.text(0.5, 0.5, "no misclassified examples", ha="center", va="center", fontsize=12)
         ax.set_axis_off()
         return _save(fig, path)
-    images = _as_unit(np.asarray(images)[shown])  # only the shown ones (uint8 test sets stay uint8)
+    images = as_unit(np.asarray(images)[shown])  # only the shown ones (uint8 test sets stay uint8)
     cols = math.ceil(math.sqrt(shown.size))
     rows = math.ceil(shown.size / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.8 * rows + 0.4), squeeze=False)
