@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from stages.errors import PipelineError
 from stages.experiment_params import Experiment
@@ -35,9 +35,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SPLITS = ("train", "val", "test")
+
+
+class SampleCaps(_Strict):
+    """``limits.max_samples`` per split: e.g. train on 8,000 images but score
+    on 2,000 (a split left out is not capped)."""
+
+    train: Annotated[int, Field(ge=1)] | None = None
+    val: Annotated[int, Field(ge=1)] | None = None
+    test: Annotated[int, Field(ge=1)] | None = None
+
+
+# one number caps every split; a mapping caps each split it names
+SampleCap = Annotated[
+    Union[Annotated[Annotated[int, Field(ge=1)], Tag("every_split")], Annotated[SampleCaps, Tag("per_split")]],
+    Discriminator(lambda value: "per_split" if isinstance(value, (dict, SampleCaps)) else "every_split"),
+]
+
+
 class Limits(_Strict):
-    max_samples: Annotated[int, Field(ge=1)] | None = None
+    max_samples: SampleCap | None = None
     max_epochs: Annotated[int, Field(ge=1)] | None = None
+
+    def max_samples_of(self, split: str) -> int | None:
+        """The cap on ``split`` (None: the whole split)."""
+        if isinstance(self.max_samples, SampleCaps):
+            return getattr(self.max_samples, split)
+        return self.max_samples
 
 
 class Download(_Strict):
@@ -216,9 +241,11 @@ def _model_of(annotation: Any) -> Any:
         return ("dict", annotation.__args__[1])
     if getattr(annotation, "__metadata__", None) is not None:  # Annotated[...]
         annotation = annotation.__origin__
-    for arg in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    for arg in getattr(annotation, "__args__", ()):  # a union: its first model (Annotated ones included)
+        if (model := _model_of(arg)) is not None:
+            return model
     return None
 
 
@@ -236,7 +263,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 UNION_TAGS = ("gaussian", "salt_pepper", "colorize", "grayscale", "conv_autoencoder", "residual_autoencoder", "cnn",
-              "resnet")
+              "resnet", "every_split", "per_split")
 
 
 def _format(error: dict, raw: dict) -> str:

@@ -216,8 +216,12 @@ def prepare(dataset: str, raw: Path, params: params_mod.Params) -> DatasetFile:
     if "val" not in splits:
         splits["train"], splits["val"] = carve_validation(
             splits["train"], cfg.split.val_fraction, cfg.split.seed)
-    limit = params.limits.max_samples
-    splits = {name: cap(split, limit, cfg.split.seed + i) for i, (name, split) in enumerate(sorted(splits.items()))}
+    limits = params.limits
+    splits = {name: cap(split, limits.max_samples_of(name), cfg.split.seed + i)
+              for i, (name, split) in enumerate(sorted(splits.items()))}
+    limit = limits.max_samples
+    if isinstance(limit, params_mod.SampleCaps):
+        limit = limit.model_dump(exclude_none=True)
     meta = {
         "dataset": dataset, "source": source, "format": fmt,
         "val_fraction": cfg.split.val_fraction, "seed": cfg.split.seed, "max_samples": limit,

@@ -218,3 +218,17 @@ def test_max_samples_caps_every_split(project, tmp_path):
     code, out = _run("pets", project)
     assert code == 0
     assert load(out).meta["counts"] == {"train": 3, "val": 2, "test": 3}
+
+
+def test_max_samples_per_split_caps_only_the_splits_it_names(project, tmp_path):
+    """Train on a subset, score on the whole test split: ``{train: 4, val: 1}``."""
+    folder = tmp_path / "imgs"
+    builders.image_folder(folder, classes=("a", "b"), per_class=5)
+    project.write(params_for({"pets": {"source": {"path": str(folder)}, "split": {"val_fraction": 0.2}}},
+                             limits={"max_samples": {"train": 4, "val": 1}}))
+    download("pets", project / "data/raw/pets", params_mod.load())
+    code, out = _run("pets", project)
+    assert code == 0
+    data = load(out)
+    assert data.meta["counts"] == {"train": 4, "val": 1, "test": 10}
+    assert data.meta["max_samples"] == {"train": 4, "val": 1}
