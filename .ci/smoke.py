@@ -3,12 +3,13 @@
 Copies the working tree (tracked files, uncommitted edits included) into a
 temporary git repository, runs ``dvc exp run -S limits.max_epochs=2 -S
 limits.max_samples={train:8000,val:2000,test:2000}`` there against the offline
-mirror (the seeds' models train on train+val and validate on test, so 10,000
-training images and 2,000 scored a dataset), and checks what it wrote: every experiment's metrics file exists with finite values, the
-autoencoders beat a PSNR floor, the classifiers beat chance (the deliberately
-broken colored-MNIST model excepted), the report exists, every MLflow run
-finished, and ``dvc exp show`` lists the metrics. The user's workspace is
-never touched. By default the stages log to a real ``mlflow server`` started
+mirror (most seed models train on train+val and validate on test: 10,000
+images to train on, 2,000 scored), and checks what it wrote: every
+experiment's metrics file exists with finite values, the autoencoders beat a
+PSNR floor, the classifiers beat chance (the deliberately broken
+colored-MNIST model excepted), the report exists, every MLflow run finished,
+and ``dvc exp show`` lists the metrics. The user's workspace is never
+touched. By default the stages log to a real ``mlflow server`` started
 on 127.0.0.1 for the run (SQLite backend, artifacts served by it), and the
 runs and artifacts are read back through its REST API; ``--tracking sqlite``
 uses the project's embedded store instead. Then a headless Chromium opens the

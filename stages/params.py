@@ -35,9 +35,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-SPLITS = ("train", "val", "test")
-
-
 class SampleCaps(_Strict):
     """``limits.max_samples`` per split: e.g. train on 8,000 images but score
     on 2,000 (a split left out is not capped)."""
