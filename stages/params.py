@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from stages.errors import PipelineError
-from stages.experiment_params import Experiment
+from stages.experiment_params import Experiment, Positive
 from stages.sources import SOURCES
 
 PARAMS_FILE = Path("params.yaml")
@@ -39,21 +39,21 @@ class SampleCaps(_Strict):
     """``limits.max_samples`` per split: e.g. train on 8,000 images but score
     on 2,000 (a split left out is not capped)."""
 
-    train: Annotated[int, Field(ge=1)] | None = None
-    val: Annotated[int, Field(ge=1)] | None = None
-    test: Annotated[int, Field(ge=1)] | None = None
+    train: Positive | None = None
+    val: Positive | None = None
+    test: Positive | None = None
 
 
 # one number caps every split; a mapping caps each split it names
 SampleCap = Annotated[
-    Union[Annotated[Annotated[int, Field(ge=1)], Tag("every_split")], Annotated[SampleCaps, Tag("per_split")]],
+    Union[Annotated[Positive, Tag("every_split")], Annotated[SampleCaps, Tag("per_split")]],
     Discriminator(lambda value: "per_split" if isinstance(value, (dict, SampleCaps)) else "every_split"),
 ]
 
 
 class Limits(_Strict):
     max_samples: SampleCap | None = None
-    max_epochs: Annotated[int, Field(ge=1)] | None = None
+    max_epochs: Positive | None = None
 
     def max_samples_of(self, split: str) -> int | None:
         """The cap on ``split`` (None: the whole split)."""
