@@ -34,7 +34,8 @@ BnMomentum = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class Training(_Strict):
-    loss: Literal["mse", "bce", "sparse_categorical_crossentropy"]
+    # psnr: minus each image's PSNR in dB, averaged (stages.recipes.NegativePsnr); autoencoders only
+    loss: Literal["mse", "bce", "psnr", "sparse_categorical_crossentropy"]
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
     learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: Keras' default for the optimizer
     # constant, or a schedule over all steps whose peak is learning_rate
@@ -224,8 +225,8 @@ class Experiment(_Strict):
         autoencoder = self.task == "autoencoder"
         if autoencoder != (self.model.kind in AUTOENCODER_KINDS):
             raise ValueError(f"task '{self.task}' does not match model kind '{self.model.kind}'")
-        if autoencoder and self.training.loss not in ("mse", "bce"):
-            raise ValueError(f"an autoencoder needs loss mse or bce, not '{self.training.loss}'")
+        if autoencoder and self.training.loss not in ("mse", "bce", "psnr"):
+            raise ValueError(f"an autoencoder needs loss mse, bce or psnr, not '{self.training.loss}'")
         if not autoencoder and self.training.loss != "sparse_categorical_crossentropy":
             raise ValueError("a classifier needs loss sparse_categorical_crossentropy")
         if not autoencoder and self.data.target != self.data.input:
@@ -235,9 +236,9 @@ class Experiment(_Strict):
         if autoencoder and self.evaluation.flip_tta:
             raise ValueError("evaluation.flip_tta applies to classifiers")
         corrects = getattr(self.model, "linear_path", False) or getattr(self.model, "input_skip", False)
-        if corrects and self.training.loss != "mse":
+        if corrects and self.training.loss not in ("mse", "psnr"):
             raise ValueError(f"model.linear_path and model.input_skip have an unbounded (linear) output: "
-                             f"they need training.loss mse, not '{self.training.loss}'")
+                             f"they need training.loss mse or psnr, not '{self.training.loss}'")
         if getattr(self.model, "input_skip", False) and self.data.input == self.data.target:
             raise ValueError("model.input_skip would copy the input past the bottleneck: it needs a corrupted "
                              f"data.input, but input and target are both {self.data.input}")

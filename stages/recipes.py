@@ -1,5 +1,5 @@
 """Training parts beyond plain ``compile(optimizer="adam")``: learning-rate
-schedules and a label-smoothed sparse cross-entropy.
+schedules, a label-smoothed sparse cross-entropy and a per-image PSNR loss.
 
 Written with ``keras.ops`` only, so they run on TensorFlow and JAX alike, and
 registered as Keras serializables, so a saved model (and a checkpoint, with
@@ -79,6 +79,31 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "smoothing": self.smoothing, "num_classes": self.num_classes}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NegativePsnr(keras.losses.Loss):
+    """Minus each image's PSNR in dB (values in [0, 1], MSE floored at
+    ``floor``), averaged over the batch: minimizing it maximizes the mean
+    per-image PSNR that evaluate reports.
+
+    The gradient of ``10 log10(mse_i)`` is that of ``mse_i`` divided by
+    ``mse_i``: MSE lets the images with the largest errors set the direction,
+    this gives every image the same say in relative terms, so a model cannot
+    buy a lower pooled error on strongly coloured images with small errors on
+    nearly grey ones (which cost the most dB per image)."""
+
+    def __init__(self, floor: float = 1e-10, name: str = "negative_psnr", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.floor = float(floor)
+
+    def call(self, y_true, y_pred):
+        diff = ops.cast(y_pred, "float32") - ops.cast(y_true, "float32")
+        mse = ops.mean(ops.reshape(ops.square(diff), (ops.shape(diff)[0], -1)), axis=1)
+        return (10.0 / math.log(10.0)) * ops.log(ops.maximum(mse, self.floor))
+
+    def get_config(self):
+        return {**super().get_config(), "floor": self.floor}
 
 
 def schedule(kind: str, peak: float, total_steps: int, warmup: float | None):

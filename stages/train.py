@@ -103,6 +103,8 @@ def optimizer_for(t, total_steps: int) -> keras.optimizers.Optimizer:
 def loss_for(t, num_classes: int):
     if t.label_smoothing:
         return recipes.SmoothedSparseCrossentropy(t.label_smoothing, num_classes)
+    if t.loss == "psnr":  # floored like evaluate's PSNR, so the loss is minus the figure it reports
+        return recipes.NegativePsnr(metrics.MSE_FLOOR)
     return LOSSES[t.loss]
 
 

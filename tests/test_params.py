@@ -93,6 +93,8 @@ AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "pre
         ("experiments.ae.training", {"loss": "mse", "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 2,
                                      "distribution": "data_parallel"},
          "'experiments.ae.training': gradient_accumulation_steps is not supported with distribution 'data_parallel'"),
+        ("experiments.ae.training.loss", "sparse_categorical_crossentropy",
+         "'experiments.ae': an autoencoder needs loss mse, bce or psnr, not 'sparse_categorical_crossentropy'"),
         ("experiments.ae.training.label_smoothing", 0.1,
          "'experiments.ae': training.label_smoothing applies to classifiers"),
         ("experiments.ae.evaluation", {"flip_tta": True}, "'experiments.ae': evaluation.flip_tta applies to classifiers"),
@@ -109,7 +111,7 @@ AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "pre
         ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0],
                                   "latent_channels": 4, "linear_path": True, "output_activation": "linear"},
          "'experiments.ae': model.linear_path and model.input_skip have an unbounded (linear) output: "
-         "they need training.loss mse, not 'bce'"),
+         "they need training.loss mse or psnr, not 'bce'"),
         ("experiments.ae.model", {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0],
                                   "latent_channels": 4, "output_activation": "linear", "refiner": [8]},
          "'experiments.ae.model': refiner refines a base image: it needs linear_path or input_skip"),
@@ -132,6 +134,14 @@ def test_bad_experiment_values_name_key_and_value(path, value, message):
         params.parse(_with(path, value, {**GOOD, "experiments": {"ae": AE}}))
     assert message in str(err.value)
     assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
+def test_a_linear_output_trains_on_mse_or_psnr():
+    model = {"kind": "residual_autoencoder", "filters": [8, 8], "blocks": [0, 0], "latent_channels": 4,
+             "linear_path": True, "output_activation": "linear"}
+    for loss in ("mse", "psnr"):
+        exp = {**AE, "model": model, "training": {**AE["training"], "loss": loss}}
+        assert params.parse({**GOOD, "experiments": {"ae": exp}}).experiments["ae"].training.loss == loss
 
 
 def test_input_skip_needs_a_corrupted_input():

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the label-smoothed loss, against their formulas."""
+"""Learning-rate schedules and the losses, against their formulas."""
 
 import numpy as np
 import pytest
@@ -52,3 +52,43 @@ def test_a_model_with_schedule_and_loss_saves_and_loads(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert isinstance(loaded.loss, recipes.SmoothedSparseCrossentropy) and loaded.loss.smoothing == 0.2
     assert float(loaded.optimizer.learning_rate) == pytest.approx(float(model.optimizer.learning_rate))
+
+    model.compile("adam", recipes.NegativePsnr(1e-8))
+    model.fit(np.ones((8, 4), np.float32), np.full((8, 3), 0.5, np.float32), verbose=0)
+    model.save(tmp_path / "psnr.keras")
+    loaded = keras.models.load_model(tmp_path / "psnr.keras")
+    assert isinstance(loaded.loss, recipes.NegativePsnr) and loaded.loss.floor == 1e-8
+
+
+def test_negative_psnr_is_minus_the_mean_per_image_psnr_evaluate_reports():
+    rng = np.random.default_rng(0)
+    target = rng.random((5, 6, 6, 3)).astype(np.float32)
+    pred = np.clip(target + rng.normal(0, [[[[0.01]]], [[[0.03]]], [[[0.1]]], [[[0.3]]], [[[0.0]]]],
+                                       target.shape), 0, 1).astype(np.float32)
+    from stages import metrics
+    expected = -np.mean(metrics.psnr_per_image(target, pred))  # image 5 exact: floored at 100 dB
+    assert float(recipes.NegativePsnr(metrics.MSE_FLOOR)(target, pred)) == pytest.approx(expected, rel=1e-5)
+    pooled = -10 * np.log10(np.mean(np.square(pred - target)))
+    assert float(recipes.NegativePsnr()(target, pred)) != pytest.approx(pooled, rel=1e-2)
+
+
+def test_negative_psnr_weighs_every_image_alike_where_mse_favours_the_worst():
+    # the gradient on one weight scaling each of two images that are off by 0.01
+    # and 0.1: MSE's grows with the squared error (100x for the second image),
+    # minus-PSNR's is scale-free (the same for both)
+    target = np.zeros((2, 1, 1, 1), np.float32)
+    start = np.array([0.01, 0.1], np.float32).reshape(2, 1, 1, 1)
+    moves = {}
+    for name, loss, rate in (("mse", keras.losses.MeanSquaredError(), 1.0), ("psnr", recipes.NegativePsnr(), 1e-3)):
+        inputs = keras.Input((1, 1, 1))
+        scale = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")
+        model = keras.Model(inputs, scale(inputs))
+        model.compile(keras.optimizers.SGD(rate), loss)
+        grads = []
+        for i in range(2):  # each image's own gradient on the shared weight, from 1.0
+            model.train_on_batch(start[i:i + 1], target[i:i + 1])
+            grads.append((1.0 - float(scale.kernel.numpy().ravel()[0])) / rate)
+            scale.kernel.assign(np.ones((1, 1), np.float32))
+        moves[name] = grads
+    assert moves["mse"] == pytest.approx([2e-4, 2e-2], rel=1e-2)  # d/dw (w x)^2 = 2 x^2
+    assert moves["psnr"] == pytest.approx([20 / np.log(10)] * 2, rel=1e-2)  # d/dw 10 log10((w x)^2) = 20 / (w ln 10)
