@@ -58,11 +58,10 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     target, output = test.y, predict(model, test.x)
     latent = model_latent_shape(exp.model.spec(), target.shape[1:])
     train_targets = data.split(*exp.data.train_on.split("+")).y
-    rows = metrics.pca_rows(len(train_targets))
     latent_size = int(np.prod(latent))
     denoising = exp.data.input != exp.data.target
-    pca_mse = metrics.pca_reconstruction_mse(
-        train_targets[rows], target, n_components=min(latent_size, target[0].size),
+    pca_mse = metrics.pca_reconstruction_mse(  # fitted on the train images a linear_path model started from
+        train_targets, target, n_components=min(latent_size, target[0].size),
         test_inputs=test.x if denoising else None)
     results = {
         "mse": metrics.mse(target, output),

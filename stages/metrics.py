@@ -187,8 +187,16 @@ def compression_ratio(input_shape: Sequence[int], latent_shape: Sequence[int]) -
     return int(np.prod(input_shape, dtype=np.int64)) / latent
 
 
+PCA_TRAIN = 20_000  # train images a PCA is fitted on (the baseline and a linear_path model's start)
+
+
+def pca_rows(n_images: int, max_train: int = PCA_TRAIN, seed: int = 0) -> np.ndarray:
+    """The seeded, sorted subsample of train images that PCAs are fitted on."""
+    return np.sort(np.random.default_rng(seed).permutation(n_images)[:max_train])
+
+
 def pca_baseline_psnr(
-    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0
+    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = PCA_TRAIN, seed: int = 0
 ) -> float:
     """Mean test PSNR of a PCA reconstruction with ``n_components`` components."""
     return psnr_from_mse(pca_reconstruction_mse(train, test, n_components, max_train, seed))
@@ -206,20 +214,13 @@ def psnr_from_mse(per_image_mse: np.ndarray, data_range: float = 1.0, pooled: bo
     return float(np.mean(10.0 * np.log10(data_range**2 / per_image_mse)))
 
 
-PCA_TRAIN = 20_000  # train images a PCA is fitted on (the baseline and a linear_path model's start)
-
-
-def pca_rows(n_images: int, max_train: int = PCA_TRAIN, seed: int = 0) -> np.ndarray:
-    """The seeded, sorted subsample of train images that PCAs are fitted on."""
-    return np.sort(np.random.default_rng(seed).permutation(n_images)[:max_train])
-
-
-def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0
+def pca_fit(train: np.ndarray, n_components: int, max_train: int = PCA_TRAIN, seed: int = 0
             ) -> tuple[np.ndarray, np.ndarray]:
     """Mean-centred PCA of flattened images: ``(mean, vectors)`` in float64,
     ``vectors`` of shape (values per image, ``n_components``), orthonormal columns.
 
-    Fitted on at most ``max_train`` images (a seeded subsample); the
+    Fitted on at most ``max_train`` images (the subsample :func:`pca_rows`
+    picks, so every caller with the same images and seed fits the same PCA); the
     covariance is accumulated chunk by chunk (never a float64 copy of the
     whole train set) and only the top eigenvectors are computed. uint8
     images are scaled by :func:`stages.images.to_unit_float` a chunk at a
@@ -234,10 +235,7 @@ def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: 
         raise ValueError(f"n_components must be in [1, {dim}], got {n_components}")
     if len(train) < 2:
         raise ValueError("PCA needs at least 2 train images")
-    if len(train) > max_train:
-        rows = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
-    else:
-        rows = np.arange(len(train))
+    rows = pca_rows(len(train), max_train, seed)
     flat = train.reshape(len(train), dim)
 
     mean = np.zeros(dim, np.float64)
@@ -255,7 +253,7 @@ def pca_fit(train: np.ndarray, n_components: int, max_train: int = 20000, seed: 
 
 
 def pca_reconstruction_mse(
-    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = 20000, seed: int = 0,
+    train: np.ndarray, test: np.ndarray, n_components: int, max_train: int = PCA_TRAIN, seed: int = 0,
     test_inputs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-image test MSE of a PCA reconstruction with ``n_components`` components.

@@ -119,8 +119,7 @@ def build(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_e
             if has_linear_path(spec):
                 if train_targets is None:
                     raise ValueError("linear_path needs the training images to fit its PCA")
-                mean, vectors = metrics.pca_fit(train_targets[metrics.pca_rows(len(train_targets))],
-                                                model.get_layer(LINEAR_ENCODER).units)
+                mean, vectors = metrics.pca_fit(train_targets, model.get_layer(LINEAR_ENCODER).units)
                 init_linear_path(model, mean, vectors)
         else:
             model = build_any_classifier(exp.model.spec(num_classes), image_shape)

@@ -257,6 +257,17 @@ def test_pca_subsample_is_seeded_and_bounded():
         pca_baseline_psnr(train, test, 17)
 
 
+def test_pca_fits_the_rows_pca_rows_names():
+    # train's linear_path start and evaluate's baseline both call pca_fit on all
+    # train images: the subsample must be pca_rows', not a draw of its own
+    train = _images(120, 4, 4, 1, seed=1)
+    rows = metrics.pca_rows(120, 40, seed=7)
+    assert len(rows) == 40 and np.all(np.diff(rows) > 0)
+    for got, want in zip(metrics.pca_fit(train, 3, max_train=40, seed=7), metrics.pca_fit(train[rows], 3, 40)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(metrics.pca_rows(30, 40), np.arange(30))  # fewer images than the cap: all
+
+
 # --- classification ----------------------------------------------------------
 
 def test_confusion_matrix_and_per_class_accuracy_with_empty_row():
