@@ -89,9 +89,10 @@ class NegativePsnr(keras.losses.Loss):
 
     The gradient of ``10 log10(mse_i)`` is that of ``mse_i`` divided by
     ``mse_i``: MSE lets the images with the largest errors set the direction,
-    this gives every image the same say in relative terms, so a model cannot
-    buy a lower pooled error on strongly coloured images with small errors on
-    nearly grey ones (which cost the most dB per image)."""
+    this gives every image the same say in relative terms: a model cannot buy
+    a lower pooled error on the images it gets most wrong (strongly coloured
+    ones, for a colorizer) with small errors added to the images it gets
+    nearly right (nearly grey ones), which cost those images the most dB."""
 
     def __init__(self, floor: float = 1e-10, name: str = "negative_psnr", **kwargs):
         super().__init__(name=name, **kwargs)
