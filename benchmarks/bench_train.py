@@ -31,6 +31,7 @@ are drawn), the validation pass, the checkpoint and the MLflow batch.
     python benchmarks/bench_train.py                      # mnist_cae and cifar10_cnn
     python benchmarks/bench_train.py --experiments mnist_cae --fraction 1 --epochs 3
     python benchmarks/bench_train.py --interleave --epochs 10 --experiments mnist_denoise
+    python benchmarks/bench_train.py --interleave --set training.mixed_precision=true   # bf16 for ours
 """
 
 from __future__ import annotations
@@ -59,6 +60,32 @@ from hostinfo import host  # noqa: E402 (benchmarks/, this script's folder)
 log = logging.getLogger("bench_train")
 
 EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s")
+
+
+def with_overrides(params: dict, names: list[str], overrides: list[str]) -> dict:
+    """``params`` with every ``KEY=VALUE`` of ``overrides`` set in each named
+    experiment (KEY relative to it, e.g. ``training.mixed_precision=true``;
+    VALUE read as YAML), validated as the stages validate params.yaml: what
+    ours runs with. The seed scripts are plain Keras and take none of them."""
+    from stages import params as params_mod  # pydantic only, no Keras
+    changed = json.loads(json.dumps(params))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {override!r}: expected KEY=VALUE, e.g. training.mixed_precision=true")
+        for name in names:
+            *parents, leaf = ["experiments", name, *key.split(".")]
+            section = changed
+            for part in parents:
+                section = section.setdefault(part, {})
+                if not isinstance(section, dict):
+                    raise ValueError(f"--set {override!r}: experiments.{name}.{key} is not a section's key")
+            section[leaf] = yaml.safe_load(value)
+    try:
+        params_mod.parse(changed)
+    except params_mod.ParamsError as exc:
+        raise ValueError(f"--set {' '.join(overrides)}: {exc}") from None
+    return changed
 
 
 def machine() -> dict:
@@ -430,6 +457,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="the first compiles; median over the rest")
     parser.add_argument("--interleave", action="store_true",
                         help="seed and ours side by side, taking turns epoch by epoch (ratio only)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change each experiment for ours only, e.g. training.mixed_precision=true "
+                             "(repeatable; the seed scripts stay plain float32 Keras)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/bench_train[_interleaved].json")
     args = parser.parse_args()
     out = args.out or ROOT / "benchmarks/results" / f"bench_train{'_interleaved' if args.interleave else ''}.json"
@@ -437,11 +467,14 @@ def main() -> int:
     if unknown:
         parser.error(f"no seed script for {', '.join(unknown)} (choose from {', '.join(SEEDS)})")
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    try:
+        params = with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), args.experiments, args.overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     results = {"machine": machine(), "fraction": args.fraction, "epochs": args.epochs,
-               "interleave": args.interleave, "experiments": {}}
+               "interleave": args.interleave, "ours_overrides": args.overrides, "experiments": {}}
     log.info("%s", results["machine"])
     for name in args.experiments:
         exp = params["experiments"][name]
@@ -468,6 +501,8 @@ def main() -> int:
             "ratio_fastest": round(ours_result["fastest_images_per_s"] / seed_result["fastest_images_per_s"], 3)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.overrides:
+        print(f"ours with: {', '.join(args.overrides)}")
     print(interleaved_table(results) if args.interleave else table(results))
     log.info("results in %s", out)
     return 0

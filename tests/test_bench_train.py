@@ -64,6 +64,28 @@ def test_unknown_experiment_is_refused_by_name():
     assert result.returncode != 0 and "no seed script for mnist_cae_plus" in result.stderr
 
 
+def test_set_changes_each_named_experiment_for_ours(bench):
+    import yaml
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    changed = bench.with_overrides(params, ["mnist_cae", "cifar10_cnn"],
+                                   ["training.mixed_precision=true", "training.steps_per_execution=4"])
+    for name in ("mnist_cae", "cifar10_cnn"):
+        assert changed["experiments"][name]["training"]["mixed_precision"] is True
+        assert changed["experiments"][name]["training"]["steps_per_execution"] == 4
+    assert "mixed_precision" not in changed["experiments"]["mnist_denoise"]["training"]
+    assert "mixed_precision" not in params["experiments"]["mnist_cae"]["training"]  # a copy
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        bench.with_overrides(params, ["mnist_cae"], ["training.mixed_precision"])
+
+
+def test_a_bad_set_is_refused_naming_the_key():
+    result = subprocess.run([sys.executable, str(BENCH), "--experiments", "mnist_cae",
+                             "--set", "training.mixed_precison=true"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown key 'experiments.mnist_cae.training.mixed_precison' (did you mean 'mixed_precision'?)" \
+        in result.stderr, result.stderr
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {benchmarks!r})
