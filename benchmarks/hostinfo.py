@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, for its results: CPU model, cores, Python, date."""
+"""The machine a benchmark ran on, for its results: CPU model, vector
+instructions, cores, Python, date."""
 
 from __future__ import annotations
 
@@ -6,13 +7,22 @@ import os
 import platform
 from datetime import date
 
+# the CPU features that decide how fast the convolutions run: AVX-512 and its
+# bf16 dot products make bf16 mixed precision pay on a CPU (AMX even more);
+# hosts of the same "AMD EPYC" name differ in them
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
 
 def host() -> dict:
-    cpu = "unknown"
+    cpu, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in info:
+                if line.startswith("model name") and cpu == "unknown":
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "date": date.today().isoformat()}
+    return {"cpu": cpu, "vector": [flag for flag in VECTOR_FLAGS if flag in flags], "cores": os.cpu_count(),
+            "python": platform.python_version(), "date": date.today().isoformat()}

@@ -1,0 +1,21 @@
+"""benchmarks/hostinfo.py: what a benchmark records about its machine."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from hostinfo import VECTOR_FLAGS, host  # noqa: E402
+
+
+def test_host_names_the_cpu_and_only_the_vector_flags_it_has():
+    info = host()
+    assert info["cores"] >= 1 and info["python"].count(".") == 2 and len(info["date"]) == 10
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        flags = set(next((line for line in lines if line.startswith("flags")), "flags:").split(":", 1)[1].split())
+    assert info["vector"] == [flag for flag in VECTOR_FLAGS if flag in flags]
+    if cpuinfo.exists():
+        assert info["cpu"] != "unknown"
