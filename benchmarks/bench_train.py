@@ -37,6 +37,7 @@ are drawn), the validation pass, the checkpoint and the MLflow batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -55,7 +56,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from hostinfo import host  # noqa: E402 (benchmarks/, this script's folder)
+from gpu_runs import apply_overrides  # noqa: E402 (benchmarks/, this script's folder)
+from hostinfo import host  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -68,19 +70,8 @@ def with_overrides(params: dict, names: list[str], overrides: list[str]) -> dict
     VALUE read as YAML), validated as the stages validate params.yaml: what
     ours runs with. The seed scripts are plain Keras and take none of them."""
     from stages import params as params_mod  # pydantic only, no Keras
-    changed = json.loads(json.dumps(params))
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {override!r}: expected KEY=VALUE, e.g. training.mixed_precision=true")
-        for name in names:
-            *parents, leaf = ["experiments", name, *key.split(".")]
-            section = changed
-            for part in parents:
-                section = section.setdefault(part, {})
-                if not isinstance(section, dict):
-                    raise ValueError(f"--set {override!r}: experiments.{name}.{key} is not a section's key")
-            section[leaf] = yaml.safe_load(value)
+    changed = apply_overrides(copy.deepcopy(params),
+                              [f"experiments.{name}.{item}" for item in overrides for name in names], new_keys=True)
     try:
         params_mod.parse(changed)
     except params_mod.ParamsError as exc:

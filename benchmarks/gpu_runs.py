@@ -77,8 +77,10 @@ def data_needs(params: dict, experiments: list[str]) -> tuple[list[str], list[st
     return sorted(datasets), sorted(corruptions)
 
 
-def apply_overrides(params: dict, items: list[str]) -> dict:
-    """Set each ``dotted.key=yaml-value`` in ``params`` (in place); only keys that exist."""
+def apply_overrides(params: dict, items: list[str], new_keys: bool = False) -> dict:
+    """Set each ``dotted.key=yaml-value`` in ``params`` (in place); only keys
+    that exist, or with ``new_keys`` also a last key the section lacks (an
+    option left at its default; the caller validates the result)."""
     for item in items:
         key, sep, value = item.partition("=")
         node = params
@@ -87,8 +89,8 @@ def apply_overrides(params: dict, items: list[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 raise ValueError(f"--set {item}: params.yaml has no section '{part}' on the way to '{key}'")
             node = node[part]
-        if not sep or leaf not in node:
-            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY an existing param")
+        if not sep or (leaf not in node and not new_keys):
+            raise ValueError(f"--set {item}: expected KEY=VALUE" + ("" if new_keys else " with KEY an existing param"))
         node[leaf] = yaml.safe_load(value)
     return params
 

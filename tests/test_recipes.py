@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import keras
-from stages import recipes
+from stages import metrics, recipes
 
 
 def _rates(schedule, steps):
@@ -65,7 +65,6 @@ def test_negative_psnr_is_minus_the_mean_per_image_psnr_evaluate_reports():
     target = rng.random((5, 6, 6, 3)).astype(np.float32)
     pred = np.clip(target + rng.normal(0, [[[[0.01]]], [[[0.03]]], [[[0.1]]], [[[0.3]]], [[[0.0]]]],
                                        target.shape), 0, 1).astype(np.float32)
-    from stages import metrics
     expected = -np.mean(metrics.psnr_per_image(target, pred))  # image 5 exact: floored at 100 dB
     assert float(recipes.NegativePsnr(metrics.MSE_FLOOR)(target, pred)) == pytest.approx(expected, rel=1e-5)
     pooled = -10 * np.log10(np.mean(np.square(pred - target)))
