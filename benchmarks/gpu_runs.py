@@ -79,13 +79,15 @@ def data_needs(params: dict, experiments: list[str]) -> tuple[list[str], list[st
 
 def apply_overrides(params: dict, items: list[str], new_keys: bool = False) -> dict:
     """Set each ``dotted.key=yaml-value`` in ``params`` (in place); only keys
-    that exist, or with ``new_keys`` also a last key the section lacks (an
+    that exist, or with ``new_keys`` also keys and sections that do not (an
     option left at its default; the caller validates the result)."""
     for item in items:
         key, sep, value = item.partition("=")
         node = params
         *parents, leaf = key.split(".")
         for part in parents:
+            if new_keys:
+                node.setdefault(part, {})
             if not isinstance(node.get(part), dict):
                 raise ValueError(f"--set {item}: params.yaml has no section '{part}' on the way to '{key}'")
             node = node[part]
