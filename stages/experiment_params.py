@@ -7,7 +7,7 @@ that each module stays small. Each experiment names its data by path stem:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -57,6 +57,9 @@ class Training(_Strict):
     gradient_accumulation_steps: Annotated[int, Field(ge=2)] | None = None
     # data_parallel: one replica per visible device (GPUs, else CPUs), batch_size the global batch
     distribution: Literal["none", "data_parallel"] = "none"
+    # copy the uint8 train and validation images to the accelerator once and
+    # gather and scale each batch there (no host work or copy per step); same batches
+    data_on_device: bool = False
 
     @model_validator(mode="after")
     def _options_fit(self) -> "Training":
@@ -71,16 +74,23 @@ class Training(_Strict):
         if self.gradient_accumulation_steps and self.distribution != "none":
             raise ValueError("gradient_accumulation_steps is not supported with distribution "
                              f"'{self.distribution}' (each replica's batch is already a share of batch_size)")
+        if self.data_on_device and self.distribution != "none":
+            raise ValueError(f"data_on_device is not supported with distribution '{self.distribution}' "
+                             "(the replicas' batches are split from host arrays)")
         return self
 
+    # options added after experiments had been trained, left out of the dump
+    # while at these values: the dumped config of an experiment that does not
+    # use them, which train's checkpoint fingerprint hashes, stays what it was
+    # before they existed (those checkpoints still resume)
+    _ABSENT_AT: ClassVar[dict] = {"gradient_accumulation_steps": None, "data_on_device": False}
+
     @model_serializer(mode="wrap")
-    def _unset_accumulation_left_out(self, handler):
-        # absent when unset: the dumped config of an experiment that does not
-        # use it, which train's checkpoint fingerprint hashes, stays what it was
-        # before the option existed (those checkpoints still resume)
+    def _later_options_left_out(self, handler):
         data = handler(self)
-        if self.gradient_accumulation_steps is None:
-            data.pop("gradient_accumulation_steps", None)
+        for key, value in self._ABSENT_AT.items():
+            if getattr(self, key) == value:
+                data.pop(key, None)
         return data
 
 

@@ -35,12 +35,15 @@ class DatasetFileError(PipelineError):
     next_step = "rebuild it with dvc repro (or dvc pull, where a DVC remote holds it)"
 
 
+UNIT_SCALE = np.float32(1.0 / 255.0)  # uint8 pixel -> [0, 1]
+
+
 def to_unit_float(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1]. The single scaling used everywhere."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         dtype = getattr(images, "dtype", type(images).__name__)
         raise TypeError(f"to_unit_float expects uint8 pixels, got {dtype}: scale raw images exactly once")
-    return images.astype(np.float32) * np.float32(1.0 / 255.0)
+    return images.astype(np.float32) * UNIT_SCALE
 
 
 def as_unit(images: np.ndarray) -> np.ndarray:

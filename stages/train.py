@@ -32,7 +32,7 @@ from stages import atomic, cli, distribution, metrics, params as params_mod, rec
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
-from stages.images import to_unit_float  # noqa: E402
+from stages.images import UNIT_SCALE, to_unit_float  # noqa: E402
 from stages.models import (LINEAR_ENCODER, build_any_autoencoder, build_any_classifier,  # noqa: E402
                            has_linear_path, init_linear_path)
 
@@ -236,7 +236,9 @@ class ScaledBatches(keras.utils.PyDataset):
     """The batches of ``arrays`` in ``order``, each gathered from the uint8
     arrays and scaled to float32 in [0, 1] when Keras asks for it: an epoch
     never holds more than one batch (and the prefetched ones) as floats.
-    Targets are scaled too when they are images (an autoencoder's)."""
+    Targets are scaled too when they are images (an autoencoder's). The
+    arrays may be NumPy or, with ``training.data_on_device``, backend
+    tensors on the accelerator (``on_device``): batches are then made there."""
 
     def __init__(self, arrays: Arrays, order: np.ndarray, batch_size: int, image_targets: bool):
         super().__init__()
@@ -247,17 +249,41 @@ class ScaledBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        x = to_unit_float(self.arrays.x[rows])
+        x = gather_scaled(self.arrays.x, rows)
         if self.arrays.y is self.arrays.x:  # an autoencoder reconstructing its input: one gather, not two
             return x, x
-        y = self.arrays.y[rows]
-        return x, (to_unit_float(y) if self.image_targets else y)
+        if self.image_targets:
+            return x, gather_scaled(self.arrays.y, rows)
+        return x, (self.arrays.y[rows] if isinstance(self.arrays.y, np.ndarray)
+                   else keras.ops.take(self.arrays.y, rows, axis=0))
+
+
+def gather_scaled(images, rows: np.ndarray):
+    """``to_unit_float(images[rows])``; for uint8 images already on the
+    device (a backend tensor, see ``on_device``) gathered and scaled there,
+    with the same float32 product, so the batch is bit for bit the same."""
+    if isinstance(images, np.ndarray):
+        return to_unit_float(images[rows])
+    return keras.ops.multiply(keras.ops.cast(keras.ops.take(images, rows, axis=0), "float32"), UNIT_SCALE)
+
+
+def on_device(arrays: Arrays) -> Arrays:
+    """``arrays`` copied once to the default device (the accelerator if there
+    is one) as backend tensors of the same dtypes; an array that is both
+    input and target stays one tensor."""
+    x = keras.ops.convert_to_tensor(arrays.x)
+    y = x if arrays.y is arrays.x else keras.ops.convert_to_tensor(arrays.y)
+    return Arrays(x, y)
 
 
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
         history: dict, on_epoch) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after each one."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
+    if exp.training.data_on_device:
+        train, val = on_device(train), on_device(val)
+        log.info("train %s: %d train and %d validation images copied to the device (%s)",
+                 name, len(train), len(val), keras.backend.backend())
     validation = ScaledBatches(val, np.arange(len(val)), batch_size, image_targets)
     guard = NanGuard()
     verbose = 1 if sys.stderr.isatty() else 0  # Keras' bar on a terminal; our line per epoch always

@@ -93,6 +93,11 @@ AE = {"task": "autoencoder", "data": {"input": "corrupted/noisy", "target": "pre
         ("experiments.ae.training", {"loss": "mse", "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 2,
                                      "distribution": "data_parallel"},
          "'experiments.ae.training': gradient_accumulation_steps is not supported with distribution 'data_parallel'"),
+        ("experiments.ae.training", {"loss": "mse", "epochs": 1, "batch_size": 8, "data_on_device": True,
+                                     "distribution": "data_parallel"},
+         "'experiments.ae.training': data_on_device is not supported with distribution 'data_parallel'"),
+        ("experiments.ae.training.data_on_device", "gpu",
+         "'experiments.ae.training.data_on_device' = 'gpu': Input should be a valid boolean"),
         ("experiments.ae.training.loss", "sparse_categorical_crossentropy",
          "'experiments.ae': an autoencoder needs loss mse, bce or psnr, not 'sparse_categorical_crossentropy'"),
         ("experiments.ae.training.label_smoothing", 0.1,
@@ -190,12 +195,14 @@ def test_defaults():
     assert loaded.download.retries == 4
 
 
-def test_unset_gradient_accumulation_is_left_out_of_the_dumped_config():
+def test_later_options_left_at_their_defaults_are_left_out_of_the_dumped_config():
     """The dump is what train's checkpoint fingerprint and MLflow's params
-    hold: an experiment without the option dumps as before it existed."""
+    hold: an experiment without the options dumps as before they existed."""
     from stages.experiment_params import Training
 
     unset = Training(loss="mse", epochs=1, batch_size=8).model_dump(mode="json")
-    assert "gradient_accumulation_steps" not in unset and unset["batch_size"] == 8
+    assert "gradient_accumulation_steps" not in unset and "data_on_device" not in unset
+    assert unset["batch_size"] == 8 and unset["mixed_precision"] is False
     assert Training(loss="mse", epochs=1, batch_size=8,
                     gradient_accumulation_steps=4).model_dump(mode="json")["gradient_accumulation_steps"] == 4
+    assert Training(loss="mse", epochs=1, batch_size=8, data_on_device=True).model_dump()["data_on_device"] is True

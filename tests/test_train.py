@@ -475,3 +475,61 @@ def test_batches_are_scaled_one_at_a_time_in_the_epochs_order():
     np.testing.assert_array_equal(y_b, to_unit_float(targets[order[8:]]))
     x_b, y_b = train_mod.ScaledBatches(Arrays(x, x), order, 4, image_targets=True)[1]
     assert y_b is x_b  # one array reconstructing itself is gathered and scaled once
+
+
+def test_batches_made_on_the_device_are_the_host_batches_bit_for_bit():
+    """``data_on_device``: the uint8 arrays become backend tensors once; each
+    batch gathered and scaled there equals the NumPy one exactly (every pixel
+    value 0-255 occurs), labels included, and an autoencoder's one array is
+    still gathered once."""
+    import keras
+
+    from stages.experiment_data import Arrays
+
+    rng = np.random.default_rng(1)
+    x = rng.permutation(np.resize(np.arange(256, dtype=np.uint8), 11 * 5 * 5 * 3)).reshape(11, 5, 5, 3)
+    labels = np.arange(11) % 4
+    order = rng.permutation(11)
+    for arrays, image_targets in ((Arrays(x, labels), False), (Arrays(x, x[::-1].copy()), True)):
+        host = train_mod.ScaledBatches(arrays, order, 4, image_targets)
+        device_arrays = train_mod.on_device(arrays)
+        assert not isinstance(device_arrays.x, np.ndarray) and keras.ops.dtype(device_arrays.x) == "uint8"
+        device = train_mod.ScaledBatches(device_arrays, order, 4, image_targets)
+        assert len(device) == len(host) == 3
+        for i in range(len(host)):
+            for want, got in zip(host[i], device[i]):
+                assert not isinstance(got, np.ndarray)
+                got = keras.ops.convert_to_numpy(got)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert np.array_equal(got, want)  # bit for bit, not approximately
+    same = train_mod.on_device(Arrays(x, x))
+    assert same.y is same.x
+    x_b, y_b = train_mod.ScaledBatches(same, order, 4, image_targets=True)[0]
+    assert y_b is x_b
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_data_on_device_trains_exactly_as_from_host_arrays(tmp_path, backend):
+    """The same classifier trained from host arrays and from arrays on the
+    device: identical losses and accuracies at every epoch, on each backend."""
+    import importlib.util
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    root = tmp_path / "lab"
+    save(root / "data/prepared/toy.npz", _dataset())
+    device = {**CLS, "training": {**CLS["training"], "data_on_device": True}}
+    _params(root, {"host": CLS, "device": device})
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for name in ("host", "device"):
+        result = subprocess.run([sys.executable, "-m", "stages.train", name], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        copied = f"train {name}: 128 train and 40 validation images copied to the device ({backend})"
+        assert (copied in result.stderr) == (name == "device")
+    host = json.loads((root / "models/host/history.json").read_text())
+    device = json.loads((root / "models/device/history.json").read_text())
+    assert set(host) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert device == host
