@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,12 +217,41 @@ def connect_experiment(name: str) -> str:
     """Point MLflow at the store and the experiment ``name``; return its id."""
     import mlflow
 
-    use_store()
+    uri = use_store()
     try:
-        return mlflow.set_experiment(name).experiment_id
+        with one_at_a_time(uri):
+            return mlflow.set_experiment(name).experiment_id
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
         raise TrackingError(f"MLflow store {tracking_label()} unusable: {describe_failure(exc)}; "
                             "check that it is running and MLFLOW_TRACKING_URI") from None
+
+
+@contextmanager
+def one_at_a_time(uri: str) -> Iterator[None]:
+    """For a SQLite store: one process of this machine at a time in the block.
+
+    Connecting creates the store's tables (MLflow's migrations) and the
+    experiment when they do not exist yet; processes that do it at the same
+    moment (experiments trained side by side, ``dvc queue start -j N``) fail
+    with "table ... already exists". An exclusive lock on a file in the temp
+    folder, named after the database's path, lets the first create them while
+    the others wait. A server (http) store does this on its own side."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    database = os.path.abspath(uri[len("sqlite:///"):])
+    lock = Path(tempfile.gettempdir()) / f"imagepipe-mlflow-{hashlib.sha256(database.encode()).hexdigest()[:16]}.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def start_run(run_id: str | None, name: str):

@@ -103,3 +103,27 @@ def test_failures_are_described_in_one_line_without_credentials(monkeypatch):
     assert tracking.describe_failure(other) == "Bad request to https://***@host/api"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
     assert tracking.describe_failure(Exception("(sqlite3.OperationalError) database is locked")) == "database is locked"
+
+
+def test_stages_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):
+    """Six processes (the GPU machine's side-by-side seed runs, or queued
+    experiments) connecting at the same moment to a store that does not exist
+    yet: one creates its tables and experiments while the others wait, and
+    every one gets the same experiment ids."""
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "mlflow.db"
+    start = time.time() + 6  # after every process has imported MLflow
+    script = ("import sys, time; from stages import tracking; "
+              f"time.sleep(max(0, {start} - time.time())); "
+              "print(tracking.connect('autoencoder'), tracking.connect('classifier'))")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
+    failed = [err[-800:] for _, err, code in results if code != 0]
+    assert not failed, failed
+    assert len({out.strip() for out, _, _ in results}) == 1  # the same two experiments for all
