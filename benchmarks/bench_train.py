@@ -62,6 +62,7 @@ from hostinfo import host  # noqa: E402
 log = logging.getLogger("bench_train")
 
 EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s")
+DEVICE_PEAK_LINE = re.compile(r"train \S+: peak device memory (\d+) MiB")
 
 
 def with_overrides(params: dict, names: list[str], overrides: list[str]) -> dict:
@@ -142,15 +143,19 @@ def scratch_project(name: str, params: dict, files: dict[str, Path], epochs: int
     return project
 
 
-def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path, env: dict) -> dict:
-    """The train and evaluate stages in a scratch project."""
+def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path, env: dict,
+         evaluate: bool = True) -> dict:
+    """The train and (unless not ``evaluate``) evaluate stages in a scratch project."""
     project = scratch_project(name, params, files, epochs, work)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     train_s, train_rss, text = timed([sys.executable, "-m", "stages.train", name], project, env)
     epoch_s = [float(seconds) for _, seconds in EPOCH_LINE.findall(text)]
-    evaluate_s, evaluate_rss, _ = timed([sys.executable, "-m", "stages.evaluate", name], project, env)
+    device_peak = DEVICE_PEAK_LINE.findall(text)
+    evaluate_s = evaluate_rss = None
+    if evaluate:
+        evaluate_s, evaluate_rss, _ = timed([sys.executable, "-m", "stages.evaluate", name], project, env)
     return {"epoch_s": epoch_s, "stage_s": train_s, "peak_rss_mib": train_rss, "evaluate_s": evaluate_s,
-            "evaluate_peak_rss_mib": evaluate_rss}
+            "evaluate_peak_rss_mib": evaluate_rss, "device_peak_mib": int(device_peak[-1]) if device_peak else None}
 
 
 # --- the seed scripts, as plain Keras --------------------------------------
@@ -263,7 +268,10 @@ def seed_run(name: str, input_file: Path, target_file: Path, epochs: int, batch_
 
     model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
               validation_data=(x_test, y_test), callbacks=[EpochTimer()])
-    print(json.dumps({"epoch_s": times}), flush=True)
+    from stages.distribution import device_peak_mib
+
+    peak = device_peak_mib()
+    print(json.dumps({"epoch_s": times, "device_peak_mib": None if peak is None else round(peak)}), flush=True)
 
 
 def seed(name: str, files: list[Path], epochs: int, batch_size: int, env: dict) -> dict:
@@ -451,9 +459,14 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change each experiment for ours only, e.g. training.mixed_precision=true "
                              "(repeatable; the seed scripts stay plain float32 Keras)")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="skip the seed's script (no ratio): for comparing --set options with each other")
+    parser.add_argument("--train-only", action="store_true", help="skip our evaluate stage")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/bench_train[_interleaved].json")
     args = parser.parse_args()
     out = args.out or ROOT / "benchmarks/results" / f"bench_train{'_interleaved' if args.interleave else ''}.json"
+    if args.ours_only and args.interleave:
+        parser.error("--ours-only has no seed to interleave with")
     unknown = [name for name in args.experiments if name not in SEEDS]
     if unknown:
         parser.error(f"no seed script for {', '.join(unknown)} (choose from {', '.join(SEEDS)})")
@@ -462,7 +475,7 @@ def main() -> int:
         params = with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), args.experiments, args.overrides)
     except ValueError as exc:
         parser.error(str(exc))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("MLFLOW_TRACKING_URI", None)
     results = {"machine": machine(), "fraction": args.fraction, "epochs": args.epochs,
                "interleave": args.interleave, "ours_overrides": args.overrides, "experiments": {}}
@@ -482,14 +495,17 @@ def main() -> int:
                 results["experiments"][name] = {"training_images": images, "batch_size": batch, "epochs": epochs,
                                                 **result}
                 continue
-            seed_result = summarise(seed(name, list(files.values()), epochs, batch, env), images)
-            log.info("%s seed: %s", name, seed_result)
-            ours_result = summarise(ours(name, params, files, epochs, work, env), images)
+            seed_result = None
+            if not args.ours_only:
+                seed_result = summarise(seed(name, list(files.values()), epochs, batch, env), images)
+                log.info("%s seed: %s", name, seed_result)
+            ours_result = summarise(ours(name, params, files, epochs, work, env, not args.train_only), images)
             log.info("%s ours: %s", name, ours_result)
         results["experiments"][name] = {
             "training_images": images, "batch_size": batch, "epochs": epochs, "seed": seed_result, "ours": ours_result,
-            "ratio_images_per_s": round(ours_result["images_per_s"] / seed_result["images_per_s"], 3),
-            "ratio_fastest": round(ours_result["fastest_images_per_s"] / seed_result["fastest_images_per_s"], 3)}
+            "ratio_images_per_s": seed_result and round(ours_result["images_per_s"] / seed_result["images_per_s"], 3),
+            "ratio_fastest": seed_result and round(ours_result["fastest_images_per_s"]
+                                                   / seed_result["fastest_images_per_s"], 3)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     if args.overrides:
@@ -520,16 +536,22 @@ def interleaved_table(results: dict) -> str:
 def table(results: dict) -> str:
     lines = ["| experiment | images/epoch | batch | seed img/s | ours img/s | ours/seed "
              "| fastest epoch: ours/seed | seed epoch | ours epoch | ours stage | ours evaluate | seed peak RSS "
-             "| ours train / evaluate peak RSS |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| ours train / evaluate peak RSS | device peak, seed / ours |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def mib(value) -> str:
+        return "n/a" if value is None else f"{value:,} MiB"
+
     for name, r in results["experiments"].items():
-        s, o = r["seed"], r["ours"]
+        s, o = r["seed"] or {}, r["ours"]
+        ratio = (f"{r['ratio_images_per_s']:.2f}x | {r['ratio_fastest']:.2f}x" if s else "n/a | n/a")
         lines.append(
-            f"| `{name}` | {r['training_images']:,} | {r['batch_size']} | {s['images_per_s']:,.0f} | "
-            f"{o['images_per_s']:,.0f} | {r['ratio_images_per_s']:.2f}x | {r['ratio_fastest']:.2f}x | "
-            f"{s['median_epoch_s']:.1f} s | {o['median_epoch_s']:.1f} s | {o['stage_s']:.1f} s | "
-            f"{o['evaluate_s']:.1f} s | {s['peak_rss_mib']} MiB | "
-            f"{o['peak_rss_mib']} / {o['evaluate_peak_rss_mib']} MiB |")
+            f"| `{name}` | {r['training_images']:,} | {r['batch_size']} | "
+            f"{format(s['images_per_s'], ',.0f') if s else 'n/a'} | {o['images_per_s']:,.0f} | {ratio} | "
+            f"{format(s['median_epoch_s'], '.2f') + ' s' if s else 'n/a'} | {o['median_epoch_s']:.2f} s | "
+            f"{o['stage_s']:.1f} s | {'n/a' if o['evaluate_s'] is None else format(o['evaluate_s'], '.1f') + ' s'} | "
+            f"{mib(s.get('peak_rss_mib'))} | {o['peak_rss_mib']:,} / {mib(o['evaluate_peak_rss_mib'])} | "
+            f"{mib(s.get('device_peak_mib'))} / {mib(o.get('device_peak_mib'))} |")
     return "\n".join(lines)
 
 

@@ -131,6 +131,10 @@ def main() -> int:
     parser.add_argument("--det-experiment", default="mnist_cae")
     parser.add_argument("--det-epochs", type=int, default=2)
     parser.add_argument("--det-runs", type=int, default=4, help="half default kernels, half deterministic")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="leave the outputs in place, no tarballs (times and metrics only)")
+    parser.add_argument("--data-only", action="store_true",
+                        help="only the data stages the experiments (and the determinism runs) need")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -161,7 +165,7 @@ def main() -> int:
     def save() -> None:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    datasets, corruptions = data_needs(raw, args.experiments + [args.det_experiment])
+    datasets, corruptions = data_needs(raw, args.experiments + ([args.det_experiment] if args.det_runs else []))
     started = time.perf_counter()
     for ds in datasets:
         run_stage("download", ds, "--out", f"data/raw/{ds}", params=params_file, logs=logs, env=env)
@@ -176,6 +180,8 @@ def main() -> int:
         [*(ROOT / "data/prepared").glob("*.npz"), *(ROOT / "data/corrupted").glob("*.npz")])}
     save()
     log.info("data ready in %.1f s: %s", summary["data_s"], summary["data_md5"])
+    if args.data_only:
+        return 0
 
     # Every experiment and every determinism copy at once, one process each.
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -187,36 +193,48 @@ def main() -> int:
     det_params.write_text(yaml.safe_dump(det_raw, sort_keys=False))
     summary["experiments"], summary["determinism"] = {}, {"experiment": args.det_experiment,
                                                           "epochs": args.det_epochs, "runs": {}}
-    with ThreadPoolExecutor(max_workers=max(1, len(args.experiments) + args.det_runs)) as pool:
-        jobs = {}
-        for name in args.experiments:
-            jobs[pool.submit(train_and_evaluate, name, params_file, logs, env)] = ("experiment", name)
-        for i in range(args.det_runs):
-            deterministic = i >= args.det_runs // 2
-            prefix = work / f"det{i}{'_xla_deterministic' if deterministic else ''}"
-            # each copy its own MLflow store: these runs are measurements, not results
-            run_env = {**(det_env if deterministic else env),
-                       "MLFLOW_TRACKING_URI": f"sqlite:///{prefix}/mlflow.db"}
-            prefix.mkdir()
-            jobs[pool.submit(train_and_evaluate, args.det_experiment, det_params, logs, run_env, prefix)] = (
-                "determinism", prefix.name)
-        wall = time.perf_counter()
-        for future in as_completed(jobs):
-            kind, name = jobs[future]
-            result = future.result()
-            if kind == "experiment":
-                with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
-                    for rel in outputs(name):
-                        tar.add(ROOT / rel, arcname=rel)
-                summary["experiments"][name] = result
-            else:
-                summary["determinism"]["runs"][name] = result
-            summary["wall_s"] = round(time.perf_counter() - wall, 1)
-            save()
-            log.info("%s %s: %s", kind, name, json.dumps(result))
-    with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
-        tar.add(logs, arcname="logs")
-    save()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(args.experiments) + args.det_runs)) as pool:
+            jobs = {}
+            for name in args.experiments:
+                jobs[pool.submit(train_and_evaluate, name, params_file, logs, env)] = ("experiment", name)
+            for i in range(args.det_runs):
+                deterministic = i >= args.det_runs // 2
+                prefix = work / f"det{i}{'_xla_deterministic' if deterministic else ''}"
+                # each copy its own MLflow store: these runs are measurements, not results
+                run_env = {**(det_env if deterministic else env),
+                           "MLFLOW_TRACKING_URI": f"sqlite:///{prefix}/mlflow.db"}
+                prefix.mkdir()
+                jobs[pool.submit(train_and_evaluate, args.det_experiment, det_params, logs, run_env, prefix)] = (
+                    "determinism", prefix.name)
+            wall = time.perf_counter()
+            failed = []
+            for future in as_completed(jobs):
+                kind, name = jobs[future]
+                try:
+                    result = future.result()
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 - run_stage exits; the others go on
+                    failed.append(f"{kind} {name}: {exc}".splitlines()[0])
+                    log.error("%s %s failed: %s", kind, name, exc)
+                    continue
+                if kind == "experiment" and not args.no_pack:
+                    with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
+                        for rel in outputs(name):
+                            tar.add(ROOT / rel, arcname=rel)
+                if kind == "experiment":
+                    summary["experiments"][name] = result
+                else:
+                    summary["determinism"]["runs"][name] = result
+                summary["wall_s"] = round(time.perf_counter() - wall, 1)
+                save()
+                log.info("%s %s: %s", kind, name, json.dumps(result))
+        if failed:
+            summary["failed"] = failed
+            raise SystemExit("gpu_runs: " + "; ".join(failed))
+    finally:  # the logs come back also when a run failed
+        with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
+            tar.add(logs, arcname="logs")
+        save()
     return 0
 
 

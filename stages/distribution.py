@@ -119,3 +119,19 @@ def _check_batch(batch_size: int, replicas: int, where: str) -> None:
     if batch_size % replicas:
         raise PipelineError(f"{where}.batch_size: {batch_size} does not split evenly over {replicas} devices; "
                             f"use a multiple of {replicas}")
+
+
+def device_peak_mib() -> float | None:
+    """The most accelerator memory this process has held so far, in MiB, on
+    the busiest device (JAX's allocator statistics); None on a CPU or a
+    backend that does not report it."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()
+             if device.platform != "cpu"]
+    peaks = [peak for peak in peaks if peak is not None]
+    return max(peaks) / 2**20 if peaks else None

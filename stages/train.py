@@ -301,7 +301,7 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
         logs = {key: float(values[-1]) for key, values in result.history.items()}
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
-        log.info("train %s: epoch %d/%d in %.1f s: %s", name, epoch + 1, epochs, time.perf_counter() - started,
+        log.info("train %s: epoch %d/%d in %.2f s: %s", name, epoch + 1, epochs, time.perf_counter() - started,
                  " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
         on_epoch(epoch, logs)
     return history
@@ -390,6 +390,9 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             raise
     final = {key: values[-1] for key, values in history.items()}
     log.info("train %s: %s", name, {k: round(v, 5) for k, v in final.items()})
+    peak = distribution.device_peak_mib()
+    if peak is not None:
+        log.info("train %s: peak device memory %.0f MiB", name, peak)
     return final
 
 

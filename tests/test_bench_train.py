@@ -168,3 +168,14 @@ def test_paired_ratio_leaves_out_the_first_and_last_rounds(bench):
     assert result["total_ratio"] == pytest.approx(9 / 11, abs=1e-3) and result["rounds_used"] == 3
     with pytest.raises(SystemExit, match="at least 3"):
         bench.paired([1.0, 1.0], [1.0, 1.0])
+
+
+def test_table_without_the_seed_or_evaluate_says_n_a(bench):
+    ours = bench.summarise({"epoch_s": [3.0, 1.0, 1.2], "stage_s": 9.5, "peak_rss_mib": 1200, "evaluate_s": None,
+                            "evaluate_peak_rss_mib": None, "device_peak_mib": 812}, 70000)
+    assert ours["images_per_s"] == pytest.approx(70000 / 1.1)
+    row = bench.table({"experiments": {"mnist_cae": {
+        "training_images": 70000, "batch_size": 256, "epochs": 3, "seed": None, "ours": ours,
+        "ratio_images_per_s": None, "ratio_fastest": None}}}).splitlines()[-1]
+    assert row.startswith("| `mnist_cae` | 70,000 | 256 | n/a | 63,636 | n/a | n/a | n/a | 1.10 s | 9.5 s | n/a |")
+    assert row.endswith("| 1,200 / n/a | n/a / 812 MiB |")

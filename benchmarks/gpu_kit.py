@@ -1,0 +1,158 @@
+"""Pack what a GPU session needs to carry to the lent GPU machine.
+
+The lent machine has JAX with CUDA but neither this project's Python
+dependencies beyond its own image nor a network, and a call carries at most
+64 MiB of working tree. This script, run here before the session, fills an
+ignored folder (default ``.gpu/``) with:
+
+* ``whl/``: wheels of the packages the stages import that the GPU image
+  lacks (``WHEELS``), at the versions installed here (so the carried set is
+  the one the tests ran with), for the machine's Python (``--python-version``,
+  3.12 there) and platform;
+* ``mirror/``: the offline dataset mirror's folders the chosen experiments
+  read (from ``DATA_MIRROR``), laid out as a mirror, so the data stages run
+  there unchanged with ``DATA_MIRROR=.gpu/mirror``;
+
+adds the folder to ``.git/info/exclude`` and checks the whole against the
+carry limit. ``benchmarks/gpu_session.sh`` then runs on the GPU machine with
+``carry: [".gpu"]``.
+
+    DATA_MIRROR=../shared/datasets python benchmarks/gpu_kit.py
+    python benchmarks/gpu_kit.py --python-version 3.11 --dest /tmp/rehearsal   # a rehearsal here
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from gpu_runs import data_needs  # noqa: E402
+
+log = logging.getLogger("gpu_kit")
+
+CARRY_LIMIT = 64 * 2**20  # bytes a device call carries, working tree included
+
+# The stages' imports that the GPU image (device/KINDS.md: JAX, NumPy, SciPy,
+# Matplotlib, Pillow, PyYAML, requests, tqdm, pandas, pyarrow, protobuf,
+# click, cloudpickle, packaging, ...) does not have. MLflow as mlflow-skinny
+# (the same ``mlflow`` package without the UI's files; it has the SQLite
+# store and ``mlflow.keras``), which is what a run needs.
+WHEELS = (
+    "keras", "namex", "optree",
+    "mlflow-skinny", "mlflow-tracing", "sqlalchemy", "alembic", "mako", "greenlet",
+    "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "tenacity",
+    "cachetools", "sqlparse", "python-dotenv", "importlib-metadata", "databricks-sdk", "google-auth",
+    "pyasn1", "pyasn1-modules", "gitpython", "gitdb", "smmap", "fastapi", "starlette", "uvicorn",
+    "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions",
+    "cryptography", "cffi", "pycparser",
+)
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64")
+SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn",
+         "colored_mnist_cnn")
+
+
+def pinned(names=WHEELS) -> list[str]:
+    """``name==version`` of each package as installed here."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            raise SystemExit(f"gpu_kit: {name} is not installed here; install the project first "
+                             "(pip install -e '.[dev]')") from None
+    return pins
+
+
+def mirror_dirs(params: dict, experiments: list[str]) -> list[str]:
+    """The mirror folders holding the datasets these experiments read."""
+    from stages.sources import SOURCES
+
+    datasets, _ = data_needs(params, experiments)
+    folders = []
+    for name in datasets:
+        source = params["datasets"][name]["source"]
+        if "builtin" not in source:
+            raise SystemExit(f"gpu_kit: datasets.{name} is not a builtin source; copy its files by hand")
+        folders.append(SOURCES[source["builtin"]].mirror_dir)
+    return sorted(set(folders))
+
+
+def size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def tree_size() -> int:
+    """What the working tree carries besides the kit: tracked and untracked,
+    not ignored files."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / name.decode()).stat().st_size for name in listed if name and (ROOT / name.decode()).is_file())
+
+
+def exclude(dest: Path) -> None:
+    """Keep ``dest`` out of git (and so out of the tree that travels uncarried)."""
+    try:
+        rel = dest.resolve().relative_to(ROOT)
+    except ValueError:
+        return  # outside the checkout: nothing to ignore
+    exclude_file = ROOT / ".git/info/exclude"
+    entry = f"/{rel.as_posix()}/"
+    lines = exclude_file.read_text().splitlines() if exclude_file.exists() else []
+    if entry not in lines:
+        exclude_file.parent.mkdir(parents=True, exist_ok=True)
+        exclude_file.write_text("\n".join([*lines, entry]) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiments", nargs="+", default=list(SEEDS), help="default: the six seed experiments")
+    parser.add_argument("--dest", type=Path, default=ROOT / ".gpu")
+    parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default %(default)s)")
+    parser.add_argument("--mirror", default=os.environ.get("DATA_MIRROR"), help="default: $DATA_MIRROR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.mirror or not Path(args.mirror).is_dir():
+        parser.error(f"--mirror/DATA_MIRROR: {args.mirror!r} is not a folder (the offline dataset mirror)")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    unknown = [name for name in args.experiments if name not in params["experiments"]]
+    if unknown:
+        parser.error(f"no experiment {', '.join(unknown)} in params.yaml")
+
+    staging = args.dest.with_name(args.dest.name + ".partial")
+    exclude(args.dest), exclude(staging)  # neither travels as part of the working tree
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "whl").mkdir(parents=True)
+    platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", args.python_version, "--implementation", "cp", *platforms,
+                    "-d", str(staging / "whl"), *pinned()], check=True)
+    for folder in mirror_dirs(params, args.experiments):
+        shutil.copytree(Path(args.mirror) / folder, staging / "mirror" / folder)
+    kit, tree = size(staging), tree_size()
+    log.info("kit %.1f MiB (wheels %.1f, mirror %.1f) + working tree %.1f MiB of the %d MiB a call carries",
+             kit / 2**20, size(staging / "whl") / 2**20, size(staging / "mirror") / 2**20, tree / 2**20,
+             CARRY_LIMIT // 2**20)
+    if kit + tree > CARRY_LIMIT:
+        shutil.rmtree(staging)
+        raise SystemExit(f"gpu_kit: {(kit + tree) / 2**20:.1f} MiB is over the {CARRY_LIMIT // 2**20} MiB a call "
+                         "carries; choose fewer experiments (their datasets) and run it again")
+    shutil.rmtree(args.dest, ignore_errors=True)
+    staging.rename(args.dest)
+    log.info("ready: %s (carry it as %r)", args.dest, args.dest.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
