@@ -58,7 +58,8 @@ class Training(_Strict):
     # data_parallel: one replica per visible device (GPUs, else CPUs), batch_size the global batch
     distribution: Literal["none", "data_parallel"] = "none"
     # copy the uint8 train and validation images to the accelerator once and
-    # gather and scale each batch there (no host work or copy per step); same batches
+    # gather and scale each batch there (no pixels gathered on the host or copied
+    # per step); the batches are bit for bit the same
     data_on_device: bool = False
 
     @model_validator(mode="after")
