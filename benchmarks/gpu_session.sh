@@ -18,6 +18,10 @@
 #            side by side on the one GPU (benchmarks/gpu_runs.py): the 5-minute
 #            target; its summary and logs (models stay there: over the size limit)
 #
+# Last, benchmarks/gpu_report.py turns what this call's parts wrote into
+# markdown tables ($OUT/report.md); run it again here on the files of both
+# calls, copied into one folder, for the docs.
+#
 # GPU_SESSION_REHEARSAL=1 runs every part on a sliver of the data for one or
 # two epochs: a rehearsal on a CPU (KERAS_BACKEND=jax), never for the docs.
 set -uo pipefail
@@ -91,4 +95,5 @@ for part in "$@"; do
     [ $code -ne 0 ] && status=1
     stamp "part $part: exit $code in $((SECONDS - started)) s"
 done
+python3 benchmarks/gpu_report.py "$OUT" > "$OUT/report.md" || status=1  # this call's parts as the docs' tables
 exit $status

@@ -1,10 +1,11 @@
 """The machine a benchmark ran on, for its results: CPU model, vector
-instructions, cores, Python, date."""
+instructions, cores, GPUs (as nvidia-smi names them), Python, date."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from datetime import date
 
 # the CPU features that decide how fast the convolutions run: AVX-512 and its
@@ -25,4 +26,14 @@ def host() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "vector": [flag for flag in VECTOR_FLAGS if flag in flags], "cores": os.cpu_count(),
-            "python": platform.python_version(), "date": date.today().isoformat()}
+            "gpus": gpus(), "python": platform.python_version(), "date": date.today().isoformat()}
+
+
+def gpus() -> list[str]:
+    """Each NVIDIA GPU's name, driver and memory; none without nvidia-smi."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()] if listed.returncode == 0 else []

@@ -1,0 +1,135 @@
+"""Turn a GPU session's results (benchmarks/gpu_session.sh's OUT) into the
+markdown tables docs/benchmarks.md records.
+
+    python benchmarks/gpu_report.py OUT
+
+Reads what the parts wrote, skipping parts that did not run: ``bench.json``
+(ours against the seed), ``cost.json`` (FLOPs and bytes per image),
+``options.tar.gz`` (one ``bench_train.py --ours-only`` result per option) and
+``seeds.json`` (``gpu_runs.py``'s summary). Achieved FLOP/s and bandwidth are
+estimates: images per second (an epoch's training and validation images
+over its time) times XLA's per-image cost of a training step, so they
+overstate a little (a validation image costs a forward pass, a third of a
+step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+SEED_TARGET_S = 300  # the issue's "every seed experiment in under 5 minutes in total"
+
+
+def achieved(images_per_s: float, cost: dict | None) -> str:
+    """``TFLOP/s, GB/s`` at this throughput, from XLA's per-image counts."""
+    if not cost or "xla_train_flops_per_image" not in cost:
+        return "n/a"
+    flops = images_per_s * cost["xla_train_flops_per_image"] / 1e12
+    bandwidth = images_per_s * cost["xla_bytes_per_image"] / 1e9
+    return f"{flops:.2f} TFLOP/s, {bandwidth:,.0f} GB/s"
+
+
+def bench_section(bench: dict, costs: dict[str, dict]) -> str:
+    from bench_train import table
+
+    lines = [table(bench), "", "| experiment | ours: achieved (estimate) | seed: achieved (estimate) |",
+             "| --- | --- | --- |"]
+    for name, r in bench["experiments"].items():
+        seed = r["seed"]
+        lines.append(f"| `{name}` | {achieved(r['ours']['images_per_s'], costs.get(name))} | "
+                     f"{achieved(seed['images_per_s'], costs.get(name)) if seed else 'n/a'} |")
+    return "\n".join(lines)
+
+
+def options_section(options: list[dict], bench: dict | None, costs: dict[str, dict]) -> str:
+    """One row per option run, against ours with no option in ``bench`` (same experiment)."""
+    lines = ["| experiment | option | batch | images/s | median epoch | vs no option | device peak | "
+             "achieved (estimate) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for result in options:
+        for name, r in result["experiments"].items():
+            ours = r["ours"]
+            plain = (bench or {}).get("experiments", {}).get(name, {}).get("ours")
+            versus = f"{ours['images_per_s'] / plain['images_per_s']:.2f}x" if plain else "n/a"
+            peak = "n/a" if ours.get("device_peak_mib") is None else f"{ours['device_peak_mib']:,} MiB"
+            lines.append(f"| `{name}` | {', '.join(result['ours_overrides']) or 'none'} | {r['batch_size']} | "
+                         f"{ours['images_per_s']:,.0f} | {ours['median_epoch_s']:.2f} s | {versus} | {peak} | "
+                         f"{achieved(ours['images_per_s'], costs.get(name))} |")
+    return "\n".join(lines)
+
+
+def headline(test: dict) -> str:
+    """The figure the README reports for an experiment's test split."""
+    if "accuracy" in test:
+        return f"test accuracy {test['accuracy']:.2%}"
+    parts = [f"PSNR {test['psnr']:.2f} dB"]
+    if "keras_accuracy" in test:
+        parts.append(f"Keras accuracy {test['keras_accuracy']:.1%}")
+    return ", ".join(parts)
+
+
+def seeds_section(seeds: dict) -> str:
+    lines = ["| experiment | epochs | train stage | evaluate stage | test |", "| --- | --- | --- | --- | --- |"]
+    for name, r in sorted(seeds.get("experiments", {}).items()):
+        lines.append(f"| `{name}` | {r['epochs']} | {r['train_s']:.0f} s | {r['evaluate_s']:.0f} s | "
+                     f"{headline(r['test'])} |")
+    total = seeds.get("data_s", 0) + seeds.get("wall_s", 0)
+    verdict = "met" if total < SEED_TARGET_S and not seeds.get("failed") else "not met"
+    if seeds.get("overrides"):
+        verdict = "no verdict: not at seed settings"
+    lines += ["", f"Data stages {seeds.get('data_s', 0):.0f} s, then the experiments side by side "
+                  f"{seeds.get('wall_s', 0):.0f} s: {total:.0f} s in all against the {SEED_TARGET_S} s target "
+                  f"({verdict}){'; failed: ' + '; '.join(seeds['failed']) if seeds.get('failed') else ''}."]
+    if seeds.get("overrides"):
+        lines.append(f"With overrides {', '.join(seeds['overrides'])}: not seed settings.")
+    return "\n".join(lines)
+
+
+def read_options(archive: Path) -> list[dict]:
+    with tarfile.open(archive) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")),
+                         key=lambda m: m.name)
+        return [json.load(tar.extractfile(m)) for m in members]
+
+
+def report(out: Path) -> str:
+    def load(name: str):
+        path = out / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    bench, seeds = load("bench.json"), load("seeds.json")
+    costs = {c["experiment"]: c for c in (load("cost.json") or [])}
+    options = read_options(out / "options.tar.gz") if (out / "options.tar.gz").is_file() else []
+    machine = (bench or (options[0] if options else {})).get("machine")
+    sections = [f"Machine: {json.dumps(machine)}" if machine else "Machine: not recorded (no bench part)"]
+    if bench:
+        sections += ["## Ours against the seed's script", bench_section(bench, costs)]
+    if options:
+        sections += ["## Options", options_section(options, bench, costs)]
+    if seeds:
+        sections += [f"## Seed experiments at seed settings ({seeds.get('gpu', 'no GPU')})", seeds_section(seeds)]
+    if costs:
+        sections += ["## Cost of a training step",
+                     "\n".join(f"`{n}`: {json.dumps({k: v for k, v in c.items() if k != 'experiment'})}"
+                               for n, c in costs.items())]
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the folder gpu_session.sh wrote (its OUT)")
+    args = parser.parse_args(argv)
+    if not args.out.is_dir():
+        parser.error(f"{args.out}: not a folder")
+    sys.stdout.write(report(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

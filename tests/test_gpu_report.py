@@ -1,0 +1,78 @@
+"""benchmarks/gpu_report.py: the docs' tables from a GPU session's results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
+gpu_report = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(gpu_report)
+
+
+def _ours(images_per_s: float, epoch_s: float, device_peak=None) -> dict:
+    return {"epoch_s": [9.0, epoch_s, epoch_s], "stage_s": 30.0, "peak_rss_mib": 2000, "evaluate_s": None,
+            "evaluate_peak_rss_mib": None, "device_peak_mib": device_peak, "median_epoch_s": epoch_s,
+            "images_per_s": images_per_s, "fastest_epoch_s": epoch_s, "fastest_images_per_s": images_per_s}
+
+
+def _result(ours: dict, overrides=(), seed=None, batch=256) -> dict:
+    return {"machine": {"gpus": ["NVIDIA H200, 580.159.04, 143771 MiB"], "backend": "jax"},
+            "ours_overrides": list(overrides), "experiments": {"mnist_cae": {
+                "training_images": 70000, "batch_size": batch, "epochs": 3, "seed": seed, "ours": ours,
+                "ratio_images_per_s": seed and ours["images_per_s"] / seed["images_per_s"],
+                "ratio_fastest": seed and ours["fastest_images_per_s"] / seed["fastest_images_per_s"]}}}
+
+
+COST = {"experiment": "mnist_cae", "xla_train_flops_per_image": 4.0e6, "xla_bytes_per_image": 2.0e6}
+
+
+def test_achieved_rates_are_throughput_times_the_step_cost():
+    assert gpu_report.achieved(100_000, COST) == "0.40 TFLOP/s, 200 GB/s"
+    assert gpu_report.achieved(100_000, None) == "n/a"
+
+
+def test_options_are_compared_with_ours_without_them():
+    bench = _result(_ours(100_000, 0.7))
+    rows = gpu_report.options_section([_result(_ours(140_000, 0.5, 812), ["training.data_on_device=true"]),
+                                       _result(_ours(90_000, 0.78), [], batch=2048)], bench,
+                                      {"mnist_cae": COST}).splitlines()
+    assert rows[2] == ("| `mnist_cae` | training.data_on_device=true | 256 | 140,000 | 0.50 s | 1.40x | 812 MiB | "
+                       "0.56 TFLOP/s, 280 GB/s |")
+    assert rows[3].startswith("| `mnist_cae` | none | 2048 | 90,000 | 0.78 s | 0.90x | n/a |")
+
+
+def test_seed_runs_are_totalled_against_five_minutes():
+    seeds = {"data_s": 12.0, "wall_s": 250.0, "overrides": [], "experiments": {
+        "cifar10_cnn": {"epochs": 5, "train_s": 40.0, "evaluate_s": 10.0,
+                        "test": {"accuracy": 0.678, "loss": 0.9}},
+        "cifar10_cae_3pool": {"epochs": 25, "train_s": 136.0, "evaluate_s": 60.0,
+                              "test": {"psnr": 22.24, "keras_accuracy": 0.747}}}}
+    text = gpu_report.seeds_section(seeds)
+    assert "| `cifar10_cae_3pool` | 25 | 136 s | 60 s | PSNR 22.24 dB, Keras accuracy 74.7% |" in text
+    assert "| `cifar10_cnn` | 5 | 40 s | 10 s | test accuracy 67.80% |" in text
+    assert "262 s in all against the 300 s target (met)" in text
+    late = gpu_report.seeds_section({**seeds, "wall_s": 295.0})
+    assert "307 s in all against the 300 s target (not met)" in late
+    failed = gpu_report.seeds_section({**seeds, "failed": ["experiment cifar10_cnn: exit 1"]})
+    assert "(not met); failed: experiment cifar10_cnn: exit 1" in failed
+    rehearsal = gpu_report.seeds_section({**seeds, "overrides": ["limits.max_epochs=1"]})
+    assert "(no verdict: not at seed settings)" in rehearsal and "With overrides limits.max_epochs=1" in rehearsal
+
+
+def test_a_session_folder_becomes_one_report(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(_result(_ours(100_000, 0.7), seed=_ours(80_000, 0.875))))
+    (tmp_path / "cost.json").write_text(json.dumps([COST]))
+    option = tmp_path / "gpu_options" / "option1.json"
+    option.parent.mkdir()
+    option.write_text(json.dumps(_result(_ours(120_000, 0.58), ["training.mixed_precision=true"])))
+    with tarfile.open(tmp_path / "options.tar.gz", "w:gz") as tar:
+        tar.add(option.parent, arcname="gpu_options")
+    text = gpu_report.report(tmp_path)
+    assert "NVIDIA H200" in text and "## Ours against the seed's script" in text and "1.25x" in text
+    assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s |" in text
+    assert "training.mixed_precision=true | 256 | 120,000 | 0.58 s | 1.20x" in text
+    assert "## Seed experiments" not in text  # that part did not run
