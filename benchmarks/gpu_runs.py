@@ -156,11 +156,9 @@ def main() -> int:
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
     summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overrides": args.set,
                      "backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
-    try:
-        summary["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        summary["gpu"] = "none"
+    from hostinfo import gpus  # benchmarks/, this script's folder
+
+    summary["gpu"] = ", ".join(gpus()) or "none"
 
     def save() -> None:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -254,8 +254,12 @@ class ScaledBatches(keras.utils.PyDataset):
             return x, x
         if self.image_targets:
             return x, gather_scaled(self.arrays.y, rows)
-        return x, (self.arrays.y[rows] if isinstance(self.arrays.y, np.ndarray)
-                   else keras.ops.take(self.arrays.y, rows, axis=0))
+        return x, gather(self.arrays.y, rows)
+
+
+def gather(array, rows: np.ndarray):
+    """``array[rows]``, for a NumPy array or a backend tensor (``on_device``)."""
+    return array[rows] if isinstance(array, np.ndarray) else keras.ops.take(array, rows, axis=0)
 
 
 def gather_scaled(images, rows: np.ndarray):
@@ -264,7 +268,7 @@ def gather_scaled(images, rows: np.ndarray):
     with the same float32 product, so the batch is bit for bit the same."""
     if isinstance(images, np.ndarray):
         return to_unit_float(images[rows])
-    return keras.ops.multiply(keras.ops.cast(keras.ops.take(images, rows, axis=0), "float32"), UNIT_SCALE)
+    return keras.ops.multiply(keras.ops.cast(gather(images, rows), "float32"), UNIT_SCALE)
 
 
 def on_device(arrays: Arrays) -> Arrays:
