@@ -61,8 +61,19 @@ from hostinfo import host  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
-EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s")
+# the stage's line per epoch: the epoch (fit and validation), then what it does
+# after it: the checkpoint and the MLflow batch (those two logged since 2026-12-01)
+EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s"
+                        r"(?: \(then checkpoint ([\d.]+) s, tracking ([\d.]+) s\))?")
 DEVICE_PEAK_LINE = re.compile(r"train \S+: peak device memory (\d+) MiB")
+
+
+def after_epoch(lines: list[tuple[str, ...]]) -> dict[str, list[float]]:
+    """Wall seconds of the checkpoint and of the MLflow batch after each epoch,
+    from the stage's ``EPOCH_LINE`` matches (empty lists for older stages)."""
+    timed_lines = [line for line in lines if line[2]]
+    return {"checkpoint_s": [float(line[2]) for line in timed_lines],
+            "tracking_s": [float(line[3]) for line in timed_lines]}
 
 
 def with_overrides(params: dict, names: list[str], overrides: list[str]) -> dict:
@@ -149,12 +160,14 @@ def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Pat
     project = scratch_project(name, params, files, epochs, work)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     train_s, train_rss, text = timed([sys.executable, "-m", "stages.train", name], project, env)
-    epoch_s = [float(seconds) for _, seconds in EPOCH_LINE.findall(text)]
+    lines = EPOCH_LINE.findall(text)
+    epoch_s = [float(line[1]) for line in lines]
     device_peak = DEVICE_PEAK_LINE.findall(text)
     evaluate_s = evaluate_rss = None
     if evaluate:
         evaluate_s, evaluate_rss, _ = timed([sys.executable, "-m", "stages.evaluate", name], project, env)
-    return {"epoch_s": epoch_s, "stage_s": train_s, "peak_rss_mib": train_rss, "evaluate_s": evaluate_s,
+    return {"epoch_s": epoch_s, **after_epoch(lines), "stage_s": train_s, "peak_rss_mib": train_rss,
+            "evaluate_s": evaluate_s,
             "evaluate_peak_rss_mib": evaluate_rss, "device_peak_mib": int(device_peak[-1]) if device_peak else None}
 
 
@@ -428,6 +441,8 @@ def interleaved(name: str, params: dict, files: dict[str, Path], epochs: int, ba
         result[who] = {"turn_s": [round(t, 3) for t in turns[who]["wall"]],
                        "turn_cpu_s": [None if t is None else round(t, 2) for t in turns[who]["cpu"]],
                        "peak_rss_mib": rusage.ru_maxrss // 1024}
+        if who == "ours":  # inside its turns
+            result[who].update(after_epoch(EPOCH_LINE.findall(text)))
     result["wall"] = paired(turns["seed"]["wall"], turns["ours"]["wall"])
     if None not in turns["seed"]["cpu"][:-1] + turns["ours"]["cpu"][:-1]:
         result["cpu"] = paired(turns["seed"]["cpu"], turns["ours"]["cpu"])

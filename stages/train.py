@@ -282,7 +282,9 @@ def on_device(arrays: Arrays) -> Arrays:
 
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
         history: dict, on_epoch) -> dict:
-    """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after each one."""
+    """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after
+    each one, which returns the seconds its checkpoint and its tracking took
+    (logged with the epoch's own time)."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
     if exp.training.data_on_device:
         train, val = on_device(train), on_device(val)
@@ -305,9 +307,10 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
         logs = {key: float(values[-1]) for key, values in result.history.items()}
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
-        log.info("train %s: epoch %d/%d in %.2f s: %s", name, epoch + 1, epochs, time.perf_counter() - started,
+        checkpoint_s, tracking_s = on_epoch(epoch, logs)
+        log.info("train %s: epoch %d/%d in %.2f s (then checkpoint %.3f s, tracking %.3f s): %s", name, epoch + 1,
+                 epochs, time.perf_counter() - started - checkpoint_s - tracking_s, checkpoint_s, tracking_s,
                  " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
-        on_epoch(epoch, logs)
     return history
 
 
@@ -366,12 +369,15 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             history = state["history"]
             metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
 
-            def on_epoch(epoch: int, logs: dict) -> None:
+            def on_epoch(epoch: int, logs: dict) -> tuple[float, float]:
                 # the checkpoint first: a store that does not answer never costs training
+                started = time.perf_counter()
                 checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
                                         "logged": metrics_log.logged, "described": True})
+                saved = time.perf_counter()
                 if metrics_log.flush(history, epoch + 1):
                     checkpoint.update(logged=metrics_log.logged)
+                return saved - started, time.perf_counter() - saved
 
             fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
             try:

@@ -64,7 +64,8 @@ def test_seed_runs_are_totalled_against_five_minutes():
 
 
 def test_a_session_folder_becomes_one_report(tmp_path):
-    (tmp_path / "bench.json").write_text(json.dumps(_result(_ours(100_000, 0.7), seed=_ours(80_000, 0.875))))
+    timed = {**_ours(100_000, 0.7), "checkpoint_s": [0.3, 0.25, 0.4], "tracking_s": [0.02, 0.03, 0.01]}
+    (tmp_path / "bench.json").write_text(json.dumps(_result(timed, seed=_ours(80_000, 0.875))))
     (tmp_path / "cost.json").write_text(json.dumps([COST]))
     option = tmp_path / "gpu_options" / "option1.json"
     option.parent.mkdir()
@@ -73,6 +74,6 @@ def test_a_session_folder_becomes_one_report(tmp_path):
         tar.add(option.parent, arcname="gpu_options")
     text = gpu_report.report(tmp_path)
     assert "NVIDIA H200" in text and "## Ours against the seed's script" in text and "1.25x" in text
-    assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s |" in text
+    assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s | 0.30 s, 0.02 s |" in text
     assert "training.mixed_precision=true | 256 | 120,000 | 0.58 s | 1.20x" in text
     assert "## Seed experiments" not in text  # that part did not run

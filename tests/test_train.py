@@ -174,6 +174,23 @@ def test_max_epochs_caps_training(lab):
     assert len(history["loss"]) == 1
 
 
+def test_each_epoch_logs_its_time_and_its_checkpoint_and_tracking_times(lab, caplog):
+    """The line benchmarks/bench_train.py reads the stage's epoch times from."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "benchmarks/bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 3}}})
+    with caplog.at_level(logging.INFO, logger="stages"):
+        assert train_mod.main(["ae"]) == 0
+    lines = bench.EPOCH_LINE.findall(caplog.text)
+    assert [line[0] for line in lines] == ["1", "2", "3"]
+    after = bench.after_epoch(lines)
+    assert len(after["checkpoint_s"]) == len(after["tracking_s"]) == 3, lines
+    assert all(float(line[1]) > 0 for line in lines) and min(after["checkpoint_s"]) > 0, lines
+
+
 def test_nan_stops_with_a_clear_error_and_no_model(lab, caplog):
     diverging = {**AE, "model": {**AE["model"], "output_activation": "linear"},
                  "training": {**AE["training"], "loss": "mse", "optimizer": "sgd", "learning_rate": 1e12}}
