@@ -61,6 +61,11 @@ class Training(_Strict):
     # gather and scale each batch there (no pixels gathered on the host or copied
     # per step); the batches are bit for bit the same
     data_on_device: bool = False
+    # seconds of training between checkpoints: after an epoch one is written
+    # only once this many have passed since the last (0: after every epoch);
+    # the last epoch always gets one. It changes no result (a resumed run ends
+    # as an uninterrupted one), so it is not part of the checkpoint's fingerprint
+    checkpoint_interval_s: Annotated[float, Field(ge=0)] = 30.0
 
     @model_validator(mode="after")
     def _options_fit(self) -> "Training":
@@ -84,7 +89,8 @@ class Training(_Strict):
     # while at these values: the dumped config of an experiment that does not
     # use them, which train's checkpoint fingerprint hashes, stays what it was
     # before they existed (those checkpoints still resume)
-    _ABSENT_AT: ClassVar[dict] = {"gradient_accumulation_steps": None, "data_on_device": False}
+    _ABSENT_AT: ClassVar[dict] = {"gradient_accumulation_steps": None, "data_on_device": False,
+                                  "checkpoint_interval_s": 30.0}
 
     @model_serializer(mode="wrap")
     def _later_options_left_out(self, handler):

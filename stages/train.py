@@ -3,9 +3,10 @@
 Writes ``models/<experiment>/model.keras``, ``history.json`` and ``run.json``
 (the MLflow run id, which the evaluate stage logs into). Training runs one
 ``model.fit`` epoch at a time over a permutation seeded from
-``(seed, epoch)``, and after each epoch saves a checkpoint to
-``checkpoints/<experiment>/`` (model with optimizer state, the layers' RNG
-states, the history and the MLflow run id), written atomically. A run that
+``(seed, epoch)``, and after an epoch (at most one every
+``training.checkpoint_interval_s`` seconds, and after the last) saves a
+checkpoint to ``checkpoints/<experiment>/`` (model with optimizer state, the
+layers' RNG states, the history and the MLflow run id), written atomically. A run that
 was killed resumes from its last checkpoint when the stage runs again and
 ends with the same weights as an uninterrupted run. A checkpoint is used only
 if it was made with the same params and data (a fingerprint says so).
@@ -157,7 +158,10 @@ class Checkpoint:
     ``state.json`` is replaced atomically to name them, then older files are
     removed: whenever the process is killed, ``state.json`` names a complete
     pair or none (epoch 0, written when the MLflow run is created, so a run
-    killed in its first epoch is continued rather than left RUNNING).
+    killed before its first checkpoint is continued rather than left RUNNING).
+    Between checkpoints ``state.json``'s ``logged`` counts the epochs whose
+    metrics MLflow has; a resumed run re-trains the epochs after the
+    checkpoint to the same values and does not log them twice.
     """
 
     def __init__(self, folder: Path, fingerprint: str):
@@ -327,7 +331,9 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         configure_backend(exp.training.seed, exp.training.mixed_precision)
         inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
         config = exp.model_dump(mode="json")
-        fingerprint = tracking.params_hash({"config": config, "epochs": epochs,
+        same_results = {**config, "training": {key: value for key, value in config["training"].items()
+                                               if key != "checkpoint_interval_s"}}
+        fingerprint = tracking.params_hash({"config": same_results, "epochs": epochs,
                                             "data": tracking.data_hashes(inputs), "samples": len(train_arrays)})
         checkpoint = Checkpoint(checkpoints, fingerprint)
         state = checkpoint.read()
@@ -346,7 +352,8 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             model = build(name, exp, image_shape, len(data.class_names), steps_per_epoch, epochs,
                           train_arrays.y)
             if state:
-                log.info("train %s: continuing MLflow run %s, killed in its first epoch", name, state["run_id"])
+                log.info("train %s: continuing MLflow run %s, killed before its first checkpoint", name,
+                         state["run_id"])
         log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s, %d replica(s)",
                  name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
                  epochs, exp.training.batch_size, keras.backend.backend(), replicas)
@@ -369,11 +376,16 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             history = state["history"]
             metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
 
+            last_checkpoint = time.monotonic()
+
             def on_epoch(epoch: int, logs: dict) -> tuple[float, float]:
                 # the checkpoint first: a store that does not answer never costs training
+                nonlocal last_checkpoint
                 started = time.perf_counter()
-                checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
-                                        "logged": metrics_log.logged, "described": True})
+                if epoch + 1 == epochs or time.monotonic() - last_checkpoint >= exp.training.checkpoint_interval_s:
+                    checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
+                                            "logged": metrics_log.logged, "described": True})
+                    last_checkpoint = time.monotonic()
                 saved = time.perf_counter()
                 if metrics_log.flush(history, epoch + 1):
                     checkpoint.update(logged=metrics_log.logged)

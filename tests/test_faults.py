@@ -70,7 +70,8 @@ def test_kill_9_in_every_stage_then_repro_completes_and_nothing_is_lost_or_doubl
     archive = builders.tar_gz(folder, http_root / "pets.tar.gz")
     server.throttle("/pets.tar.gz", 200_000)  # a few seconds of download to land in
     source = {"path": f"{server.url}/pets.tar.gz", "sha256": builders.sha256(archive.read_bytes())}
-    experiment = {**PETS_CNN, "training": {**PETS_CNN["training"], "epochs": EPOCHS, "batch_size": 8}}
+    experiment = {**PETS_CNN, "training": {**PETS_CNN["training"], "epochs": EPOCHS, "batch_size": 8,
+                                          "checkpoint_interval_s": 0}}  # the kill lands after a checkpoint
     project = make_project(tmp_path / "proj", pets_params(source, {"pets_cnn": experiment}))
     cache = project / "data/cache/image_folder"
 

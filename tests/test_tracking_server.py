@@ -73,7 +73,8 @@ def test_server_killed_during_training_and_started_again_loses_nothing(tmp_path)
     with SIGSTOP while it starts, standing in for a long epoch); the run ends
     FINISHED with every epoch's metrics once and the model artifact."""
     server = MlflowServer(tmp_path / "server").start()
-    root = _toy_lab(tmp_path / "lab", {"cls": {**CLS, "training": {**CLS["training"], "epochs": 8, "batch_size": 8}}})
+    root = _toy_lab(tmp_path / "lab", {"cls": {**CLS, "training": {**CLS["training"], "epochs": 8, "batch_size": 8,
+                                                                   "checkpoint_interval_s": 0}}})
     process = _train_process(root, "cls", server.url)
     try:
         _wait_for_state(root, "cls", process, lambda s: s["epoch"] >= 2)
@@ -99,7 +100,8 @@ def test_server_down_when_training_ends_keeps_the_training_and_a_rerun_only_logs
     fails saying the epochs are saved, writes no model output; started again,
     the re-run logs the run without training an epoch."""
     server = MlflowServer(tmp_path / "server").start()
-    root = _toy_lab(tmp_path / "lab", {"cls": {**CLS, "training": {**CLS["training"], "epochs": 4, "batch_size": 8}}})
+    root = _toy_lab(tmp_path / "lab", {"cls": {**CLS, "training": {**CLS["training"], "epochs": 4, "batch_size": 8,
+                                                                   "checkpoint_interval_s": 0}}})
     process = _train_process(root, "cls", server.url)
     try:
         _wait_for_state(root, "cls", process, lambda s: s["epoch"] >= 1)

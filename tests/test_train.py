@@ -188,7 +188,10 @@ def test_each_epoch_logs_its_time_and_its_checkpoint_and_tracking_times(lab, cap
     assert [line[0] for line in lines] == ["1", "2", "3"]
     after = bench.after_epoch(lines)
     assert len(after["checkpoint_s"]) == len(after["tracking_s"]) == 3, lines
-    assert all(float(line[1]) > 0 for line in lines) and min(after["checkpoint_s"]) > 0, lines
+    assert all(float(line[1]) > 0 for line in lines), lines
+    # the default checkpoint_interval_s (30 s) is longer than these epochs: only the last one is checkpointed
+    assert after["checkpoint_s"][:2] == [0.0, 0.0] and after["checkpoint_s"][2] > 0, lines
+    assert json.loads((lab / "checkpoints/ae/state.json").read_text())["model"] == "model-3.keras"
 
 
 def test_nan_stops_with_a_clear_error_and_no_model(lab, caplog):
@@ -232,12 +235,17 @@ def _toy_lab(root: Path, experiments: dict) -> Path:
     return root
 
 
-def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("interval", [0, 3600])
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, interval):
     """A real SIGKILL after epoch 2 of 6; the re-run resumes and ends bit-identical,
-    augmentation and dropout masks, batch norm statistics and schedule included."""
+    augmentation and dropout masks, batch norm statistics and schedule included.
+    With ``checkpoint_interval_s`` 3600 no epoch before the last is checkpointed:
+    the kill lands after two epochs were logged, and the re-run starts from
+    the beginning, in the same MLflow run."""
     import keras
 
-    experiment = {**IMPROVED, "training": {**IMPROVED["training"], "epochs": 6, "batch_size": 8}}
+    experiment = {**IMPROVED, "training": {**IMPROVED["training"], "epochs": 6, "batch_size": 8,
+                                           "checkpoint_interval_s": interval}}
     roots = {}
     for label in ("killed", "straight"):
         root = roots[label] = tmp_path / label
@@ -246,26 +254,23 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
         _params(root, {"cls": experiment})
 
     process = _train_process(roots["killed"], "cls")
-    state_file = roots["killed"] / "checkpoints/cls/state.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(state_file.read_text())["epoch"] >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.02)
+    progress = "epoch" if interval == 0 else "logged"
+    _wait_for_state(roots["killed"], "cls", process, lambda s: s.get(progress, 0) >= 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_state = json.loads(state_file.read_text())
-    assert 2 <= killed_state["epoch"] < 6, "the kill must land mid-run"
+    killed_state = json.loads((roots["killed"] / "checkpoints/cls/state.json").read_text())
+    assert 2 <= killed_state[progress] < 6, "the kill must land mid-run"
+    if interval:
+        assert killed_state["epoch"] == 0 and "model" not in killed_state
     assert not (roots["killed"] / "models/cls/model.keras").exists()
 
     resumed = _train_process(roots["killed"], "cls")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert f"resuming from checkpoint after epoch {killed_state['epoch']} of 6" in err
+    if interval == 0:
+        assert f"resuming from checkpoint after epoch {killed_state['epoch']} of 6" in err
+    else:
+        assert f"continuing MLflow run {killed_state['run_id']}, killed before its first checkpoint" in err
     straight = _train_process(roots["straight"], "cls")
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
@@ -281,8 +286,9 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{roots['killed'] / 'mlflow.db'}")
     assert client.get_run(ref["run_id"]).info.status == "FINISHED"
-    steps = sorted({m.step for m in client.get_metric_history(ref["run_id"], "loss")})
-    assert steps == [1, 2, 3, 4, 5, 6]
+    logged = client.get_metric_history(ref["run_id"], "loss")
+    assert sorted({m.step for m in logged}) == [1, 2, 3, 4, 5, 6]
+    assert all(m.value == histories["straight"]["loss"][m.step - 1] for m in logged)  # before and after the kill
 
 
 def test_changed_params_do_not_resume_a_stale_checkpoint(lab, caplog):
@@ -295,6 +301,19 @@ def test_changed_params_do_not_resume_a_stale_checkpoint(lab, caplog):
     assert train_mod.main(["ae"]) == 0
     assert "resuming" not in caplog.text
     assert len(json.loads((lab / "models/ae/history.json").read_text())["loss"]) == 2
+
+
+def test_a_changed_checkpoint_interval_still_resumes(lab, caplog):
+    """checkpoint_interval_s changes no result, so it is not in the fingerprint."""
+    caplog.set_level(logging.INFO)
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 0}}})
+    assert train_mod.main(["ae"]) == 0
+    state_file = lab / "checkpoints/ae/state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "complete": False}))  # killed at the end
+    shutil.rmtree(lab / "models")
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 600}}})
+    assert train_mod.main(["ae"]) == 0
+    assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
 
 
 def test_evaluate_with_a_run_from_another_store_fails_clearly(lab, caplog, monkeypatch, tmp_path):
@@ -329,7 +348,7 @@ def test_training_killed_in_its_first_epoch_continues_the_same_mlflow_run(tmp_pa
     again = _train_process(root, "cls")
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
-    assert f"continuing MLflow run {state['run_id']}, killed in its first epoch" in err
+    assert f"continuing MLflow run {state['run_id']}, killed before its first checkpoint" in err
     runs = client.search_runs([client.get_experiment_by_name("classifiers").experiment_id])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(state["run_id"], "FINISHED")]
     assert sorted(m.step for m in client.get_metric_history(state["run_id"], "loss")) == [1, 2]
