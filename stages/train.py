@@ -161,7 +161,8 @@ class Checkpoint:
     killed before its first checkpoint is continued rather than left RUNNING).
     Between checkpoints ``state.json``'s ``logged`` counts the epochs whose
     metrics MLflow has; a resumed run re-trains the epochs after the
-    checkpoint to the same values and does not log them twice.
+    checkpoint (to the same values where the backend is deterministic, as
+    TensorFlow here is) and does not log them twice.
     """
 
     def __init__(self, folder: Path, fingerprint: str):
