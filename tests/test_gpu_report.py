@@ -74,6 +74,6 @@ def test_a_session_folder_becomes_one_report(tmp_path):
         tar.add(option.parent, arcname="gpu_options")
     text = gpu_report.report(tmp_path)
     assert "NVIDIA H200" in text and "## Ours against the seed's script" in text and "1.25x" in text
-    assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s | 0.30 s, 0.02 s |" in text
+    assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s | 0.30 / 0.40 s | 0.02 / 0.03 s |" in text
     assert "training.mixed_precision=true | 256 | 120,000 | 0.58 s | 1.20x" in text
     assert "## Seed experiments" not in text  # that part did not run
