@@ -44,7 +44,8 @@ def bench_section(bench: dict, costs: dict[str, dict]) -> str:
         return f"{statistics.median(values):.2f} / {max(values):.2f} s" if values else "n/a"
 
     lines = [table(bench), "", "| experiment | ours: achieved (estimate) | seed: achieved (estimate) | "
-             "ours after each epoch: checkpoint (median / max) | ours: MLflow batch (median / max) |", "| --- | --- | --- | --- | --- |"]
+             "ours after each epoch: checkpoint (median / max) | ours: MLflow batch (median / max) |",
+             "| --- | --- | --- | --- | --- |"]
     for name, r in bench["experiments"].items():
         seed, ours = r["seed"], r["ours"]
         lines.append(f"| `{name}` | {achieved(ours['images_per_s'], costs.get(name))} | "
