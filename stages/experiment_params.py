@@ -86,17 +86,17 @@ class Training(_Strict):
         return self
 
     # options added after experiments had been trained, left out of the dump
-    # while at these values: the dumped config of an experiment that does not
+    # while at their defaults: the dumped config of an experiment that does not
     # use them, which train's checkpoint fingerprint hashes, stays what it was
     # before they existed (those checkpoints still resume)
-    _ABSENT_AT: ClassVar[dict] = {"gradient_accumulation_steps": None, "data_on_device": False,
-                                  "checkpoint_interval_s": 30.0}
+    _ABSENT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("gradient_accumulation_steps", "data_on_device",
+                                                     "checkpoint_interval_s")
 
     @model_serializer(mode="wrap")
     def _later_options_left_out(self, handler):
         data = handler(self)
-        for key, value in self._ABSENT_AT.items():
-            if getattr(self, key) == value:
+        for key in self._ABSENT_AT_DEFAULT:
+            if getattr(self, key) == type(self).model_fields[key].default:
                 data.pop(key, None)
         return data
 

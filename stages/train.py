@@ -6,10 +6,10 @@ Writes ``models/<experiment>/model.keras``, ``history.json`` and ``run.json``
 ``(seed, epoch)``, and after an epoch (at most one every
 ``training.checkpoint_interval_s`` seconds, and after the last) saves a
 checkpoint to ``checkpoints/<experiment>/`` (model with optimizer state, the
-layers' RNG states, the history and the MLflow run id), written atomically. A run that
-was killed resumes from its last checkpoint when the stage runs again and
-ends with the same weights as an uninterrupted run. A checkpoint is used only
-if it was made with the same params and data (a fingerprint says so).
+layers' RNG states, the history and the MLflow run id), written atomically.
+A run that was killed resumes from its last checkpoint when the stage runs
+again and ends with the same weights as an uninterrupted run. A checkpoint is
+used only if it was made with the same params and data (a fingerprint says so).
 """
 
 from __future__ import annotations
@@ -377,16 +377,16 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             history = state["history"]
             metrics_log = tracking.MetricLog(run_id, logged=state.get("logged", state["epoch"]))
 
-            last_checkpoint = time.monotonic()
+            last_checkpoint = time.perf_counter()
 
             def on_epoch(epoch: int, logs: dict) -> tuple[float, float]:
                 # the checkpoint first: a store that does not answer never costs training
                 nonlocal last_checkpoint
                 started = time.perf_counter()
-                if epoch + 1 == epochs or time.monotonic() - last_checkpoint >= exp.training.checkpoint_interval_s:
+                if epoch + 1 == epochs or started - last_checkpoint >= exp.training.checkpoint_interval_s:
                     checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
                                             "logged": metrics_log.logged, "described": True})
-                    last_checkpoint = time.monotonic()
+                    last_checkpoint = time.perf_counter()
                 saved = time.perf_counter()
                 if metrics_log.flush(history, epoch + 1):
                     checkpoint.update(logged=metrics_log.logged)
