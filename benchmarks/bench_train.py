@@ -37,6 +37,7 @@ are drawn), the validation pass, the checkpoint and the MLflow batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -100,12 +101,16 @@ def machine() -> dict:
     return {**host(), **json.loads(versions)}
 
 
-def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (MiB) and stderr+stdout of one child process."""
+def timed(cmd: list[str], cwd: Path, env: dict, watch=None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (MiB) and stderr+stdout of one child process.
+
+    ``watch``, if given, is called with the child's pid once it has started and
+    returns a context manager that is held while the child runs."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
+        with watch(process.pid) if watch else contextlib.nullcontext():
+            _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         elapsed = time.perf_counter() - started
         output.seek(0)

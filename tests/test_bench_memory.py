@@ -50,6 +50,12 @@ def test_every_stage_of_the_dataset_in_its_own_process(tmp_path):
     # the rows are the stages' own processes: training loads Keras, download does not
     assert peak["train@pets_dae"] > 2 * peak["download@pets"] > 0
     assert "| `train@pets_dae` |" in done.stdout and result["machine"]["cores"] >= 1
+    # the sample with the most resident memory, split by kind: it is one of the
+    # process's own readings, so its parts add up to no more than the peak
+    at_peak = {row["stage"]: row["sampled_at_peak_mib"] for row in result["stages"]}
+    train = at_peak["train@pets_dae"]
+    assert train["anon"] > 0 and train["file"] > 0
+    assert train["anon"] + train["file"] + train["shmem"] <= train["rss"] <= peak["train@pets_dae"]
 
 
 def test_an_experiment_not_on_the_dataset_is_named_and_nothing_is_written(tmp_path):
@@ -77,3 +83,25 @@ def test_untrained_models_measure_evaluate_without_training(tmp_path):
     peak = {row["stage"]: row["peak_rss_mib"] for row in result["stages"]}
     assert peak["evaluate@pets_dae_plus"] > 2 * peak["download@pets"] > 0
     assert "untrained models" in done.stdout
+
+
+def test_the_sampler_sees_memory_a_process_holds_and_what_kind_it_is(tmp_path):
+    """A child that touches 200 MiB of private memory and holds it: the
+    sample at its most shows at least that much anonymous memory, and the
+    interpreter's own mapped files as file-backed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_memory
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    child = ("import sys, time; block = bytearray(200 * 2**20); sys.stdout.write('ready'); sys.stdout.flush(); "
+             "time.sleep(0.5)")
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE)
+    sampler = bench_memory.ResidentSampler(interval=0.01)
+    with sampler.watching(process.pid):
+        assert process.stdout.read(5) == b"ready"
+        process.wait(timeout=60)
+    at_peak = sampler.at_peak
+    assert at_peak["anon"] >= 200 and at_peak["file"] > 0
+    assert at_peak["rss"] >= at_peak["anon"] + at_peak["file"]
+    assert bench_memory.resident(process.pid) is None  # reaped: nothing to read
