@@ -73,7 +73,7 @@ class ResidentSampler:
     """While held for a process (``with sampler.watching(pid):``), reads its
     resident memory by kind every ``interval`` seconds on a thread and keeps
     the sample with the most resident memory (:attr:`at_peak`, MiB; None if
-    none was read)."""
+    none was read). One process per sampler."""
 
     def __init__(self, interval: float = 0.02):
         self.pid, self.interval = None, interval
