@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+import bench_module
 import builders
 from dvc_helpers import dvc_env, pets_params
 from test_pipeline import PETS_DAE
@@ -89,11 +90,7 @@ def test_the_sampler_sees_memory_a_process_holds_and_what_kind_it_is(tmp_path):
     """A child that touches 200 MiB of private memory and holds it: the
     sample at its most shows at least that much anonymous memory, and the
     interpreter's own mapped files as file-backed."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_memory
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench_memory = bench_module.load("bench_memory")
     child = ("import sys, time; block = bytearray(200 * 2**20); sys.stdout.write('ready'); sys.stdout.flush(); "
              "time.sleep(0.5)")
     process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE)

@@ -2,7 +2,6 @@
 and --interleave's turn taking runs one process at a time in the stated
 order and times each turn (its real runs need the prepared data)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
+import bench_module
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench_train.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module.load("bench_train")
 
 
 def _layers(model):

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
+import bench_module
+
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("train_cost", REPO / "benchmarks" / "train_cost.py")
 
 
 def _module():
-    module = importlib.util.module_from_spec(SPEC)
-    SPEC.loader.exec_module(module)
-    return module
+    return bench_module.load("train_cost")
 
 
 def _toy_model():

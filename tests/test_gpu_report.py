@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("gpu_report", ROOT / "benchmarks" / "gpu_report.py")
-gpu_report = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(gpu_report)
+import bench_module
+
+gpu_report = bench_module.load("gpu_report")
 
 
 def _ours(images_per_s: float, epoch_s: float, device_peak=None) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+import bench_module
 from stages import evaluate as evaluate_mod
 from stages import train as train_mod
 from stages.images import DatasetFile, Split, save
@@ -176,11 +177,7 @@ def test_max_epochs_caps_training(lab):
 
 def test_each_epoch_logs_its_time_and_its_checkpoint_and_tracking_times(lab, caplog):
     """The line benchmarks/bench_train.py reads the stage's epoch times from."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "benchmarks/bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module.load("bench_train")
     _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 3}}})
     with caplog.at_level(logging.INFO, logger="stages"):
         assert train_mod.main(["ae"]) == 0
