@@ -57,7 +57,7 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     test = data.split("test")
     target, output = test.y, predict(model, test.x)
     latent = model_latent_shape(exp.model.spec(), target.shape[1:])
-    train_targets = data.split(*exp.data.train_on.split("+")).y
+    train_targets = data.target_images(*exp.data.train_on.split("+"))
     latent_size = int(np.prod(latent))
     denoising = exp.data.input != exp.data.target
     pca_mse = metrics.pca_reconstruction_mse(  # fitted on the train images a linear_path model started from
@@ -121,7 +121,7 @@ def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> 
     results = {"accuracy": float((predicted == labels).mean()), "loss": float(-np.log(chosen).mean()),
                "min_class_accuracy": float(per_class.min())}
     results.update({f"class_accuracy.{c}": float(a) for c, a in zip(data.class_names, per_class)})
-    corruption = data.inputs.meta.get("corruption") or {}
+    corruption = data.meta.get("corruption") or {}
     if corruption.get("kind") == "colorize" and corruption.get("mode") == "channel":
         results.update(colour_accuracy(test.x, predicted == labels))
     return {**results, **extra}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from stages.errors import PipelineError
 from stages.experiment_params import Experiment
-from stages.images import DatasetFile, load
+from stages.images import load
 
 
 def data_path(ref: str) -> Path:
@@ -25,42 +26,62 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.x)
 
+    def release(self) -> None:
+        """Let go of the arrays, for every holder of this object at once (a
+        PyDataset that Keras on TensorFlow keeps alive, see ScaledBatches)."""
+        self.x = self.y = None
+
+
+def join(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """Arrays concatenated along the first axis; a single one as it is (no copy)."""
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
 
 class ExperimentData:
-    """Loads an experiment's input (and target) dataset files once."""
+    """An experiment's input (and target) dataset files.
+
+    The class names and meta are read at once (a missing or unreadable file
+    fails before any work); a split's arrays are read from the file when
+    asked for and not kept here, so a stage holds only the splits it uses,
+    each once (train+val is read and joined, its two parts let go)."""
 
     def __init__(self, name: str, experiment: Experiment):
         self.name, self.experiment = name, experiment
-        self.inputs: DatasetFile = load(data_path(experiment.data.input))
-        self.targets: DatasetFile = self.inputs
-        if experiment.task == "autoencoder" and experiment.data.target != experiment.data.input:
-            self.targets = load(data_path(experiment.data.target))
-            for split, arrays in self.inputs.splits.items():
-                if len(arrays) != len(self.targets.splits[split]):
-                    raise PipelineError(
-                        f"experiments.{name}: input {experiment.data.input} has {len(arrays)} {split} images "
-                        f"but target {experiment.data.target} has {len(self.targets.splits[split])}"
-                    )
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.inputs.class_names
+        self.input_path = data_path(experiment.data.input)
+        self.target_path = (data_path(experiment.data.target) if experiment.task == "autoencoder"
+                            and experiment.data.target != experiment.data.input else None)
+        info = load(self.input_path, splits=())
+        self.class_names: list[str] = info.class_names
+        self.meta: dict = info.meta
+        if self.target_path is not None:
+            load(self.target_path, splits=())
 
     @property
     def source(self) -> str:
-        return str(self.inputs.meta.get("source", "unknown"))
+        return str(self.meta.get("source", "unknown"))
+
+    def target_images(self, *names: str) -> np.ndarray:
+        """An autoencoder's target images of the named splits, concatenated in
+        order (its inputs where it has no target file), without its inputs."""
+        if self.experiment.task != "autoencoder":
+            raise ValueError(f"experiments.{self.name} is a {self.experiment.task}: its targets are labels")
+        return join(split.images for split in load(self.target_path or self.input_path, names).splits.values())
 
     def split(self, *names: str) -> Arrays:
-        """The named splits, concatenated in order."""
-        def gather(data: DatasetFile, field: str) -> np.ndarray:
-            parts = [getattr(data.splits[n], field) for n in names]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-        x = gather(self.inputs, "images")
-        if self.experiment.task == "autoencoder":
-            y = x if self.targets is self.inputs else gather(self.targets, "images")
-        else:
-            y = gather(self.inputs, "labels")
+        """The named splits' inputs and targets, concatenated in order."""
+        inputs = load(self.input_path, names).splits.values()
+        x = join(split.images for split in inputs)
+        if self.experiment.task != "autoencoder":
+            return Arrays(x, join(split.labels for split in inputs))
+        if self.target_path is None:
+            return Arrays(x, x)
+        y = self.target_images(*names)
+        if len(y) != len(x):
+            raise PipelineError(
+                f"experiments.{self.name}: input {self.experiment.data.input} has {len(x)} {'+'.join(names)} "
+                f"images but target {self.experiment.data.target} has {len(y)}"
+            )
         return Arrays(x, y)
 
     def training(self) -> tuple[Arrays, Arrays]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,18 +97,23 @@ def save(path: Path, data: DatasetFile) -> None:
                     np.lib.format.write_array(handle, array, allow_pickle=False)
 
 
-def load(path: Path | str) -> DatasetFile:
-    """Read a dataset file written by :func:`save`."""
+def load(path: Path | str, splits: Iterable[str] = SPLITS) -> DatasetFile:
+    """Read a dataset file written by :func:`save`: its class names and meta,
+    and the arrays of the named ``splits`` only (all by default; none with
+    ``splits=()``). The file's members are read on demand, so a split left
+    out costs neither time nor memory."""
     path = Path(path)
+    names = tuple(splits)
+    unknown = [name for name in names if name not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split(s) {', '.join(map(repr, unknown))}; a dataset file has {', '.join(SPLITS)}")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            splits = {
-                name: Split(npz[f"{name}_images"], npz[f"{name}_labels"]) for name in SPLITS
-            }
             class_names = [str(c) for c in npz["class_names"]]
             meta = json.loads(str(npz["meta"]))
+            loaded = {name: Split(npz[f"{name}_images"], npz[f"{name}_labels"]) for name in names}
     except FileNotFoundError:
         raise DatasetFileError(f"{path}: dataset file not found (run its prepare/corrupt stage)") from None
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise DatasetFileError(f"{path}: not a valid dataset file ({exc})") from None
-    return DatasetFile(splits, class_names, meta)
+    return DatasetFile(loaded, class_names, meta)

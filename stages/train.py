@@ -22,6 +22,7 @@ import shutil
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
@@ -154,11 +155,14 @@ class Checkpoint:
     """``checkpoints/<experiment>/``: ``state.json`` and the files it names.
 
     The model (with optimizer state) and the layers' RNG states of epoch *e*
-    are written as ``model-<e>.keras`` and ``rng-<e>.npz`` first, then
-    ``state.json`` is replaced atomically to name them, then older files are
-    removed: whenever the process is killed, ``state.json`` names a complete
-    pair or none (epoch 0, written when the MLflow run is created, so a run
-    killed before its first checkpoint is continued rather than left RUNNING).
+    are written as ``model-<e>/`` (Keras' unzipped format: the weights go to
+    disk as they are written, where a zipped ``.keras`` file first holds them
+    all in memory, 250 MiB more at the peak of ``cifar10_cnn``) and
+    ``rng-<e>.npz`` first, then ``state.json`` is replaced atomically to name
+    them, then older ones are removed: whenever the process is killed,
+    ``state.json`` names a complete pair or none (epoch 0, written when the
+    MLflow run is created, so a run killed before its first checkpoint is
+    continued rather than left RUNNING).
     Between checkpoints ``state.json``'s ``logged`` counts the epochs whose
     metrics MLflow has; a resumed run re-trains the epochs after the
     checkpoint (to the same values where the backend is deterministic, as
@@ -197,14 +201,28 @@ class Checkpoint:
 
     def save(self, model: keras.Model, state: dict) -> None:
         epoch = state["epoch"]
-        names = {"model": f"model-{epoch}.keras", "rng": f"rng-{epoch}.npz"}
+        names = {"model": f"model-{epoch}", "rng": f"rng-{epoch}.npz"}
         # written in place: until state.json names them, half-written files are never read
-        model.save(self.folder / names["model"])
+        shutil.rmtree(self.folder / names["model"], ignore_errors=True)  # left by a run killed while saving
+        model.save(self.folder / names["model"], zipped=False)
         np.savez(self.folder / names["rng"], **{f"s{i}": s for i, s in enumerate(rng_states(model))})
         self._write_state({**state, **names})
-        for old in [*self.folder.glob("model-*.keras"), *self.folder.glob("rng-*.npz")]:
+        for old in [*self.folder.glob("model-*"), *self.folder.glob("rng-*.npz")]:  # model-<e>.keras: older layout
             if old.name not in names.values():
-                old.unlink(missing_ok=True)
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
+    def export(self, dest: Path) -> None:
+        """The last checkpoint's model as a zipped ``.keras`` file at ``dest``:
+        the files of its folder zipped as Keras zips them (the same members,
+        stored), streamed from disk, so the model is not serialized a second
+        time with its weights held in memory."""
+        source = self.folder / self.read()["model"]
+        if source.is_file():  # the older layout: a .keras file already
+            shutil.copyfile(source, dest)
+            return
+        with zipfile.ZipFile(dest, "w") as archive:
+            for path in sorted(path for path in source.rglob("*") if path.is_file()):
+                archive.write(path, path.relative_to(source).as_posix())
 
     def update(self, **changes) -> None:
         self._write_state({**(self.read() or {}), **changes})
@@ -252,6 +270,14 @@ class ScaledBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
 
+    def release(self) -> None:
+        """Let go of the arrays and the order once ``fit`` is done with them.
+        Keras on TensorFlow feeds a PyDataset through ``tf.data``'s
+        ``from_generator``, whose generator TensorFlow keeps for the rest of
+        the process: every epoch's batches would stay alive (the order alone
+        is 8 bytes an image an epoch), and with them the images."""
+        self.arrays = self.order = None
+
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         x = gather_scaled(self.arrays.x, rows)
@@ -289,8 +315,11 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
         history: dict, on_epoch) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after
     each one, which returns the seconds its checkpoint and its tracking took
-    (logged with the epoch's own time)."""
+    (logged with the epoch's own time). ``train`` and ``val`` are released
+    once the last epoch is trained, before its ``on_epoch``: the checkpoint
+    and the saves after training run without the images in memory."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
+    given = (train, val)
     if exp.training.data_on_device:
         train, val = on_device(train), on_device(val)
         log.info("train %s: %d train and %d validation images copied to the device (%s)",
@@ -298,24 +327,33 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     validation = ScaledBatches(val, np.arange(len(val)), batch_size, image_targets)
     guard = NanGuard()
     verbose = 1 if sys.stderr.isatty() else 0  # Keras' bar on a terminal; our line per epoch always
-    for epoch in range(start, epochs):
-        started = time.perf_counter()
-        order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
-        batches = ScaledBatches(train, order, batch_size, image_targets)
-        result = model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
-                           validation_data=validation, callbacks=[guard], verbose=verbose)
-        if guard.hit:
-            raise TrainingDiverged(
-                f"experiments.{name}: loss became NaN/inf at epoch {guard.hit[0]}, batch {guard.hit[1]}; "
-                "lower training.learning_rate or check the data; no model was written"
-            )
-        logs = {key: float(values[-1]) for key, values in result.history.items()}
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
-        checkpoint_s, tracking_s = on_epoch(epoch, logs)
-        log.info("train %s: epoch %d/%d in %.2f s (then checkpoint %.3f s, tracking %.3f s): %s", name, epoch + 1,
-                 epochs, time.perf_counter() - started - checkpoint_s - tracking_s, checkpoint_s, tracking_s,
-                 " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
+    try:
+        for epoch in range(start, epochs):
+            started = time.perf_counter()
+            order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
+            batches = ScaledBatches(train, order, batch_size, image_targets)
+            try:
+                result = model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
+                                   validation_data=validation, callbacks=[guard], verbose=verbose)
+            finally:
+                batches.release()
+            if epoch + 1 == epochs:
+                for arrays in (*given, train, val):  # the caller's, and their device copies
+                    arrays.release()
+            if guard.hit:
+                raise TrainingDiverged(
+                    f"experiments.{name}: loss became NaN/inf at epoch {guard.hit[0]}, batch {guard.hit[1]}; "
+                    "lower training.learning_rate or check the data; no model was written"
+                )
+            logs = {key: float(values[-1]) for key, values in result.history.items()}
+            for key, value in logs.items():
+                history.setdefault(key, []).append(value)
+            checkpoint_s, tracking_s = on_epoch(epoch, logs)
+            log.info("train %s: epoch %d/%d in %.2f s (then checkpoint %.3f s, tracking %.3f s): %s", name, epoch + 1,
+                     epochs, time.perf_counter() - started - checkpoint_s - tracking_s, checkpoint_s, tracking_s,
+                     " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
+    finally:
+        validation.release()
     return history
 
 
@@ -392,18 +430,19 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                     checkpoint.update(logged=metrics_log.logged)
                 return saved - started, time.perf_counter() - saved
 
+            example = to_unit_float(train_arrays.x[:4])  # before fit, which releases the images
             fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
             try:
                 metrics_log.flush(history, epochs, required=True)
                 checkpoint.update(logged=metrics_log.logged)
-                log_model(model, to_unit_float(train_arrays.x[:4]))
+                log_model(model, example)
             except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
                 raise tracking.TrackingError(
                     f"train {name}: the {epochs} epochs are trained and saved in {checkpoints}, but the MLflow "
                     f"store {tracking.tracking_label()} failed ({tracking.describe_failure(exc)}); run the stage "
                     "again when it answers: it logs the run without training again") from None
             with atomic.replacing(out, directory=True) as folder:
-                model.save(folder / "model.keras")
+                checkpoint.export(folder / "model.keras")  # the model as trained: the last epoch is checkpointed
                 (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
                 tracking.save_run_ref(folder / "run.json", run_id, experiment_id)
             mlflow.end_run()

@@ -79,3 +79,26 @@ def test_split_validates_shapes():
         Split(np.zeros((2, 4, 4), np.uint8), np.zeros(2))
     with pytest.raises(ValueError, match="does not match 2 images"):
         Split(np.zeros((2, 4, 4, 1), np.uint8), np.zeros(3))
+
+
+def test_load_reads_only_the_named_splits(tmp_path):
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    splits = {name: Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 2)
+              for name, n in (("train", 400), ("val", 50), ("test", 100))}
+    save(tmp_path / "d.npz", DatasetFile(splits, ["a", "b"], {"dataset": "toy"}))
+    info = load(tmp_path / "d.npz", splits=())
+    assert info.splits == {} and info.class_names == ["a", "b"] and info.meta == {"dataset": "toy"}
+    tracemalloc.start()
+    try:
+        test = load(tmp_path / "d.npz", splits=("test",))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(test.splits) == ["test"]
+    assert np.array_equal(test.splits["test"].images, splits["test"].images)
+    # the test split's 307 kB and little else; the train split alone is 1.2 MB
+    assert held < splits["test"].images.nbytes + 100_000
+    with pytest.raises(ValueError, match="unknown split.*'training'"):
+        load(tmp_path / "d.npz", splits=("training",))
