@@ -85,6 +85,26 @@ def configure_backend(seed: int, mixed_precision: bool) -> None:
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_precision else "float32")
 
 
+def one_op_at_a_time() -> bool:
+    """On TensorFlow without a GPU, run one op at a time (each op still uses
+    every core) unless ``TF_NUM_INTEROP_THREADS`` is set (``0``: TensorFlow's
+    own choice). With two at a time the ops' buffers overlap at random:
+    ``train@cifar10_cnn`` peaked at 2,091-2,188 MiB over four runs, one at a
+    time at 1,979-1,980 MiB in two, at the same speed (docs/benchmarks.md).
+    Must run before TensorFlow starts its runtime; True if it set the limit."""
+    if keras.backend.backend() != "tensorflow" or "TF_NUM_INTEROP_THREADS" in os.environ:
+        return False
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # the runtime has started (an earlier model in this process): left as it is
+        return False
+    return True
+
+
 def optimizer_for(t, total_steps: int) -> keras.optimizers.Optimizer:
     """The optimizer ``training`` names, at its constant rate or on its schedule
     over ``total_steps``; unset options keep Keras' defaults."""
@@ -366,6 +386,9 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     epochs = epochs_for(exp, params.limits)
     image_shape = tuple(train_arrays.x.shape[1:])
     where = f"experiments.{name}.training"
+    if exp.training.distribution == "none" and one_op_at_a_time():
+        log.info("train %s: TensorFlow on the CPU runs one op at a time (TF_NUM_INTEROP_THREADS=0 for its "
+                 "own choice)", name)
     with distribution.setup(exp.training.distribution, exp.training.batch_size, where) as replicas:
         configure_backend(exp.training.seed, exp.training.mixed_precision)
         inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
