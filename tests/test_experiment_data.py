@@ -24,13 +24,13 @@ def _file(path, seed: int, counts=COUNTS, shape=(16, 16, 3)) -> dict[str, Split]
     return splits
 
 
-def _experiment(task: str, target: str = "prepared/toy") -> Experiment:
+def _experiment(task: str, input: str = "prepared/toy") -> Experiment:
     model = ({"kind": "conv_autoencoder", "filters": [4], "poolings": 1} if task == "autoencoder"
              else {"kind": "cnn", "conv": [{"filters": 4}], "dense": [8]})
     loss = "mse" if task == "autoencoder" else "sparse_categorical_crossentropy"
     return Experiment.model_validate({
         "task": task, "model": model, "training": {"loss": loss, "epochs": 1, "batch_size": 8},
-        "data": {"input": "prepared/toy", "target": target, "train_on": "train+val", "validate_on": "test"}})
+        "data": {"input": input, "target": "prepared/toy", "train_on": "train+val", "validate_on": "test"}})
 
 
 @pytest.fixture
@@ -72,8 +72,7 @@ def test_autoencoder_targets(project):
     plain = ExperimentData("ae", _experiment("autoencoder"))
     test = plain.split("test")
     assert test.y is test.x and np.array_equal(test.x, clean["test"].images)
-    denoise = ExperimentData("dn", _experiment("autoencoder").model_copy(
-        update={"data": _experiment("autoencoder").data.model_copy(update={"input": "corrupted/noisy"})}))
+    denoise = ExperimentData("dn", _experiment("autoencoder", input="corrupted/noisy"))
     test = denoise.split("test")
     assert np.array_equal(test.x, noisy["test"].images) and np.array_equal(test.y, clean["test"].images)
     assert np.array_equal(denoise.target_images("train", "val"),
@@ -84,8 +83,7 @@ def test_autoencoder_targets(project):
 def test_mismatched_target_file_is_named(project):
     _file(project / "data/prepared/toy.npz", seed=0)
     _file(project / "data/corrupted/noisy.npz", seed=1, counts={**COUNTS, "test": 150})
-    exp = _experiment("autoencoder")
-    exp = exp.model_copy(update={"data": exp.data.model_copy(update={"input": "corrupted/noisy"})})
+    exp = _experiment("autoencoder", input="corrupted/noisy")
     data = ExperimentData("dn", exp)
     data.split("train")  # the train splits agree
     with pytest.raises(PipelineError, match=r"experiments.dn: input corrupted/noisy has 150 test images but "
@@ -95,7 +93,6 @@ def test_mismatched_target_file_is_named(project):
 
 def test_missing_target_file_fails_at_once(project):
     _file(project / "data/corrupted/noisy.npz", seed=1)
-    exp = _experiment("autoencoder")
-    exp = exp.model_copy(update={"data": exp.data.model_copy(update={"input": "corrupted/noisy"})})
+    exp = _experiment("autoencoder", input="corrupted/noisy")
     with pytest.raises(PipelineError, match=r"data/prepared/toy.npz: dataset file not found"):
         ExperimentData("dn", exp)
