@@ -43,7 +43,7 @@ from hostinfo import host  # noqa: E402
 from stages import params as params_mod  # noqa: E402
 from stages.experiment_data import ExperimentData  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.train import build, configure_backend  # noqa: E402
+from stages.train import build, configure_backend, one_op_at_a_time  # noqa: E402
 
 log = logging.getLogger("bench_scaling")
 
@@ -117,6 +117,7 @@ def main() -> int:
         raise SystemExit(f"bench_scaling: {args.experiment} has {len(train)} training images, {count} asked for")
     x = to_unit_float(train.x[:count])
     y = to_unit_float(train.y[:count]) if exp.task == "autoencoder" else train.y[:count]
+    one_op_at_a_time()  # as the train stage runs on TensorFlow without a GPU
     configure_backend(exp.training.seed, exp.training.mixed_precision)
 
     def model_for(batch_size: int, images: int):
