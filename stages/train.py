@@ -262,7 +262,10 @@ def log_model(model: keras.Model, example: np.ndarray) -> None:
 
     import mlflow
 
-    signature = mlflow.models.infer_signature(example, np.asarray(model.predict(example, verbose=0)))
+    # the output's shape and dtype from the model's graph, not a prediction: with several processes a
+    # prediction is a collective computation that the chief cannot run alone
+    spec = model.compute_output_spec(keras.KerasTensor(example.shape, dtype=str(example.dtype)))
+    signature = mlflow.models.infer_signature(example, np.zeros(spec.shape, dtype=spec.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
@@ -281,11 +284,18 @@ class ScaledBatches(keras.utils.PyDataset):
     never holds more than one batch (and the prefetched ones) as floats.
     Targets are scaled too when they are images (an autoencoder's). The
     arrays may be NumPy or, with ``training.data_on_device``, backend
-    tensors on the accelerator (``on_device``): batches are then made there."""
+    tensors on the accelerator (``on_device``): batches are then made there.
 
-    def __init__(self, arrays: Arrays, order: np.ndarray, batch_size: int, image_targets: bool):
+    Data-parallel (``placement``): the order is cut so that the last batch
+    splits over the devices, and a process of several yields only its share
+    of each batch (:class:`stages.distribution.Placement`)."""
+
+    def __init__(self, arrays: Arrays, order: np.ndarray, batch_size: int, image_targets: bool,
+                 placement: distribution.Placement = distribution.ONE):
         super().__init__()
+        order = order[:distribution.usable_rows(len(order), batch_size, placement.batch_multiple)]
         self.arrays, self.order, self.batch_size, self.image_targets = arrays, order, batch_size, image_targets
+        self.placement = placement
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
@@ -299,7 +309,7 @@ class ScaledBatches(keras.utils.PyDataset):
         self.arrays = self.order = None
 
     def __getitem__(self, index: int):
-        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self.placement.share(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         x = gather_scaled(self.arrays.x, rows)
         if self.arrays.y is self.arrays.x:  # an autoencoder reconstructing its input: one gather, not two
             return x, x
@@ -332,26 +342,32 @@ def on_device(arrays: Arrays) -> Arrays:
 
 
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
-        history: dict, on_epoch) -> dict:
+        history: dict, on_epoch, placement: distribution.Placement = distribution.ONE) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after
     each one, which returns the seconds its checkpoint and its tracking took
     (logged with the epoch's own time). ``train`` and ``val`` are released
     once the last epoch is trained, before its ``on_epoch``: the checkpoint
     and the saves after training run without the images in memory."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
+    left_out = [count - distribution.usable_rows(count, batch_size, placement.batch_multiple)
+                for count in (len(train), len(val))]
+    if any(left_out):
+        log.warning("train %s: the last batch must split evenly over %d devices: %d of the training images (a "
+                    "different few each epoch) and %d of the validation images are left out of every epoch",
+                    name, placement.replicas, *left_out)
     given = (train, val)
     if exp.training.data_on_device:
         train, val = on_device(train), on_device(val)
         log.info("train %s: %d train and %d validation images copied to the device (%s)",
                  name, len(train), len(val), keras.backend.backend())
-    validation = ScaledBatches(val, np.arange(len(val)), batch_size, image_targets)
+    validation = ScaledBatches(val, np.arange(len(val)), batch_size, image_targets, placement)
     guard = NanGuard()
     verbose = 1 if sys.stderr.isatty() else 0  # Keras' bar on a terminal; our line per epoch always
     try:
         for epoch in range(start, epochs):
             started = time.perf_counter()
             order = np.random.default_rng([exp.training.seed, epoch]).permutation(len(train))
-            batches = ScaledBatches(train, order, batch_size, image_targets)
+            batches = ScaledBatches(train, order, batch_size, image_targets, placement)
             try:
                 result = model.fit(batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
                                    validation_data=validation, callbacks=[guard], verbose=verbose)
@@ -377,7 +393,9 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     return history
 
 
-def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) -> dict:
+def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) -> list[Path]:
+    """Train experiment ``name``; returns the outputs written (none in a
+    data-parallel process other than the chief: process 0 writes)."""
     import mlflow
 
     exp = params_mod.experiment(params, name)
@@ -389,7 +407,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     if exp.training.distribution == "none" and one_op_at_a_time():
         log.info("train %s: TensorFlow on the CPU runs one op at a time (TF_NUM_INTEROP_THREADS=0 for its "
                  "own choice)", name)
-    with distribution.setup(exp.training.distribution, exp.training.batch_size, where) as replicas:
+    with distribution.setup(exp.training.distribution, exp.training.batch_size, where) as placement:
         configure_backend(exp.training.seed, exp.training.mixed_precision)
         inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
         config = exp.model_dump(mode="json")
@@ -401,16 +419,24 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         state = checkpoint.read()
         stale_run = None
         if not checkpoint.usable(state):
-            if state and not state.get("complete"):
+            if state and not state.get("complete") and placement.chief:
                 log.info("checkpoint in %s is for other params or data; starting afresh", checkpoints)
                 stale_run = state.get("run_id")
-            checkpoint.clear()
+            if placement.chief:
+                checkpoint.clear()
             state = None
+        # several processes train one model: they must start from the same params, data and weights
+        placement.agree("the params and data (every host needs the same params.yaml and data files: dvc pull)",
+                        fingerprint)
+        placement.agree(f"the epoch to resume from ({checkpoints}/ must be one shared folder, or absent on every "
+                        "host)", state["epoch"] if state else 0)
         if state and state["epoch"] > 0:
             model = checkpoint.model(state)
             log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
         else:
-            steps_per_epoch = math.ceil(len(train_arrays) / exp.training.batch_size)
+            batch_size = exp.training.batch_size
+            steps_per_epoch = math.ceil(
+                distribution.usable_rows(len(train_arrays), batch_size, placement.batch_multiple) / batch_size)
             model = build(name, exp, image_shape, len(data.class_names), steps_per_epoch, epochs,
                           train_arrays.y)
             if state:
@@ -418,7 +444,14 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                          state["run_id"])
         log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s, %d replica(s)",
                  name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
-                 epochs, exp.training.batch_size, keras.backend.backend(), replicas)
+                 epochs, exp.training.batch_size, keras.backend.backend(), placement.replicas)
+        if not placement.chief:  # trains its share of every batch; writes nothing
+            history = fit(name, exp, train_arrays, val_arrays, model, state["epoch"] if state else 0, epochs,
+                          state["history"] if state else {}, lambda epoch, logs: (0.0, 0.0), placement)
+            log.info("train %s: process %d of %d done: %s; process 0 writes the model, checkpoints and MLflow run",
+                     name, placement.index, placement.processes,
+                     {key: round(values[-1], 5) for key, values in history.items()})
+            return []
         experiment_id = tracking.connect(exp.task)
         if stale_run:
             tracking.abandon(stale_run)
@@ -431,7 +464,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                 with tracking.failures(f"train {name}"):
                     mlflow.log_params({**tracking.flatten(config), "epochs_run": epochs, "dataset_source": data.source,
                                        "train_samples": len(train_arrays), "val_samples": len(val_arrays),
-                                       "replicas": replicas})
+                                       "replicas": placement.replicas, "processes": placement.processes})
                     mlflow.set_tags(tracking.run_tags(exp.task, name, f"train@{name}", inputs, config))
                 state["described"] = True
                 checkpoint.update(described=True)
@@ -445,8 +478,9 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                 nonlocal last_checkpoint
                 started = time.perf_counter()
                 if epoch + 1 == epochs or started - last_checkpoint >= exp.training.checkpoint_interval_s:
-                    checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
-                                            "logged": metrics_log.logged, "described": True})
+                    with placement.alone():
+                        checkpoint.save(model, {"epoch": epoch + 1, "history": history, "run_id": run_id,
+                                                "logged": metrics_log.logged, "described": True})
                     last_checkpoint = time.perf_counter()
                 saved = time.perf_counter()
                 if metrics_log.flush(history, epoch + 1):
@@ -454,11 +488,12 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                 return saved - started, time.perf_counter() - saved
 
             example = to_unit_float(train_arrays.x[:4])  # before fit, which releases the images
-            fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch)
+            fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch, placement)
             try:
                 metrics_log.flush(history, epochs, required=True)
                 checkpoint.update(logged=metrics_log.logged)
-                log_model(model, example)
+                with placement.alone():
+                    log_model(model, example)
             except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
                 raise tracking.TrackingError(
                     f"train {name}: the {epochs} epochs are trained and saved in {checkpoints}, but the MLflow "
@@ -478,7 +513,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     peak = distribution.device_peak_mib()
     if peak is not None:
         log.info("train %s: peak device memory %.0f MiB", name, peak)
-    return final
+    return [out]
 
 
 def main(argv=None) -> int:
@@ -490,8 +525,7 @@ def main(argv=None) -> int:
     def body(args):
         params = params_mod.load(args.params)
         out = args.out or Path("models") / args.experiment
-        train(args.experiment, params, out, args.checkpoints or Path("checkpoints") / args.experiment)
-        return [out]
+        return train(args.experiment, params, out, args.checkpoints or Path("checkpoints") / args.experiment)
 
     return cli.run("train", __doc__, body, configure, argv)
 

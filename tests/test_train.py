@@ -510,6 +510,32 @@ def test_batches_are_scaled_one_at_a_time_in_the_epochs_order():
     assert y_b is x_b  # one array reconstructing itself is gathered and scaled once
 
 
+def test_data_parallel_batches_split_evenly_and_each_process_gets_its_share():
+    """On JAX every batch is sharded over the devices: the epoch's last batch
+    is cut to a multiple of them (never below), and each of several processes
+    gets its own contiguous share of every batch; the shares put side by side
+    are the one-process batch."""
+    from stages.distribution import Placement, usable_rows
+    from stages.experiment_data import Arrays
+
+    assert [usable_rows(n, 8, 4) for n in (32, 33, 35, 36, 39)] == [32, 32, 32, 36, 36]
+    assert usable_rows(13, 8, 1) == 13  # TensorFlow splits uneven batches itself
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (23, 3, 3, 1), dtype=np.uint8)
+    labels = np.arange(23)
+    order = rng.permutation(23)
+    whole = train_mod.ScaledBatches(Arrays(x, labels), order, 8, False, Placement(4, 1, 0, 4))
+    assert len(whole) == 3 and [len(whole[i][1]) for i in range(3)] == [8, 8, 4]  # 7 cut to 4: 3 left out
+    shares = [train_mod.ScaledBatches(Arrays(x, labels), order, 8, False, Placement(4, 2, index, 4))
+              for index in (0, 1)]
+    for i in range(3):
+        parts = [share[i] for share in shares]
+        assert len(parts[0][1]) == len(parts[1][1]) == len(whole[i][1]) // 2
+        np.testing.assert_array_equal(np.concatenate([part[1] for part in parts]), whole[i][1])
+        np.testing.assert_array_equal(np.concatenate([part[0] for part in parts]), whole[i][0])
+    np.testing.assert_array_equal(whole[2][1], order[16:20])
+
+
 def test_batches_made_on_the_device_are_the_host_batches_bit_for_bit():
     """``data_on_device``: the uint8 arrays become backend tensors once; each
     batch gathered and scaled there equals the NumPy one exactly (every pixel
