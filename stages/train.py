@@ -428,8 +428,8 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         # several processes train one model: they must start from the same params, data and weights
         placement.agree("the params and data (every host needs the same params.yaml and data files: dvc pull)",
                         fingerprint)
-        placement.agree(f"the epoch to resume from ({checkpoints}/ must be one shared folder, or absent on every "
-                        "host)", state["epoch"] if state else 0)
+        placement.agree(f"the epoch to resume from ({checkpoints}/ must be one shared folder, the same copy on "
+                        "every host, or absent on every host)", state["epoch"] if state else 0)
         if state and state["epoch"] > 0:
             model = checkpoint.model(state)
             log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)

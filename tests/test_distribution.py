@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,10 @@ def _train(root: Path, name: str, backend: str, **env) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=600)
 
 
-def _train_as_processes(roots: list[Path], name: str) -> list[tuple[int, str]]:
+def _start_processes(roots: list[Path], name: str) -> list[tuple[subprocess.Popen, object]]:
     """``stages.train name`` as one process per project folder (process i in
     ``roots[i]``, as on host i), joined by jax.distributed over 127.0.0.1,
-    one CPU device each; their exit codes and logs."""
+    one CPU device each; each with its log file."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -60,6 +61,11 @@ def _train_as_processes(roots: list[Path], name: str) -> list[tuple[int, str]]:
         log = open(root / f"process-{index}.log", "w+")  # files, not pipes: neither process waits on the other's
         processes.append((subprocess.Popen([sys.executable, "-m", "stages.train", name], cwd=root, env=env,
                                            stdout=log, stderr=subprocess.STDOUT), log))
+    return processes
+
+
+def _finish(processes: list[tuple[subprocess.Popen, object]]) -> list[tuple[int, str]]:
+    """Wait for the processes; their exit codes and logs."""
     results = []
     for process, log in processes:
         try:
@@ -70,6 +76,10 @@ def _train_as_processes(roots: list[Path], name: str) -> list[tuple[int, str]]:
         results.append((code, log.read()))
         log.close()
     return results
+
+
+def _train_as_processes(roots: list[Path], name: str) -> list[tuple[int, str]]:
+    return _finish(_start_processes(roots, name))
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
@@ -174,6 +184,46 @@ def test_processes_with_other_params_stop_with_the_same_error(tmp_path):
                "between the 2 processes" in log
     for folder in (root, other):
         assert not (folder / "models").exists() and not (folder / "checkpoints").exists()
+
+
+@jax_only
+def test_processes_killed_together_resume_from_process_0s_checkpoint(tmp_path):
+    """Both processes killed after epoch 2 (a preempted job): process 0's
+    checkpoint is the only one, so a rerun where the other host has none
+    stops both with the error saying so; with the checkpoint folder copied
+    there, both resume from it and finish the one MLflow run."""
+    cls = {**CLS, "model": {**CLS["model"], "dropout": 0.0},
+           "training": {**CLS["training"], "epochs": 12, "distribution": "data_parallel", "checkpoint_interval_s": 0}}
+    root = _lab(tmp_path / "lab", {"two": cls})
+    other = tmp_path / "other-host"
+    shutil.copytree(root, other)
+    processes = _start_processes([root, other], "two")
+    try:
+        deadline = time.monotonic() + 300
+        while "epoch 2/12" not in (root / "process-0.log").read_text() and time.monotonic() < deadline:
+            assert all(process.poll() is None for process, _ in processes), (root / "process-0.log").read_text()
+            time.sleep(0.2)
+    finally:
+        for process, _ in processes:
+            process.kill()
+    _finish(processes)
+    state = json.loads((root / "checkpoints/two/state.json").read_text())
+    assert 2 <= state["epoch"] < 12 and not (other / "checkpoints").exists()
+    for code, log in _train_as_processes([root, other], "two"):
+        assert code == 1, log[-3000:]
+        assert (f"the epoch to resume from (checkpoints/two/ must be one shared folder, the same copy on every host, "
+                f"or absent on every host) differs between the 2 processes (process 0: {state['epoch']}, process 1: 0)"
+                in log)
+    assert json.loads((root / "checkpoints/two/state.json").read_text())["epoch"] == state["epoch"]  # kept
+    shutil.copytree(root / "checkpoints", other / "checkpoints")
+    (chief, chief_log), (worker, worker_log) = _train_as_processes([root, other], "two")
+    assert chief == 0 and worker == 0, (chief_log[-3000:], worker_log[-3000:])
+    assert f"resuming from checkpoint after epoch {state['epoch']} of 12" in chief_log
+    assert f"resuming from checkpoint after epoch {state['epoch']} of 12" in worker_log
+    history = json.loads((root / "models/two/history.json").read_text())
+    assert len(history["loss"]) == 12 and history["loss"][:state["epoch"]] == state["history"]["loss"]
+    (run,) = _runs(root)
+    assert run.info.run_id == state["run_id"] and run.info.status == "FINISHED"
 
 
 @jax_only
