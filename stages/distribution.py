@@ -9,8 +9,8 @@ floating-point reduction order.
 * Keras on JAX: ``keras.distribution.DataParallel`` over
   ``keras.distribution.list_devices()``. Every batch is sharded over the
   devices, so its rows must split evenly: the last batch of an epoch drops
-  up to ``devices - 1`` images (:func:`usable_rows`). Several processes
-  (hosts) join through ``keras.distribution.initialize()``
+  up to ``devices - 1`` images (:meth:`Placement.usable_rows`). Several
+  processes (hosts) join through ``keras.distribution.initialize()``
   (``jax.distributed``) when ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` and
   ``KERAS_DISTRIBUTION_NUM_PROCESSES`` are set (and
   ``KERAS_DISTRIBUTION_PROCESS_ID`` on each host): each process then feeds
@@ -86,6 +86,12 @@ class Placement:
     def chief(self) -> bool:
         return self.index == 0
 
+    def usable_rows(self, count: int, batch_size: int) -> int:
+        """How many of ``count`` rows an epoch uses when every batch must
+        split into ``batch_multiple`` equal shares: the last, partial batch is
+        cut to a multiple (``batch_size`` itself is one, see ``_check_batch``)."""
+        return count - (count % batch_size) % self.batch_multiple
+
     def share(self, rows):
         """This process's part of a global batch's ``rows`` (all of them in one process)."""
         size = len(rows) // self.processes
@@ -128,13 +134,6 @@ class Placement:
 
 
 ONE = Placement()
-
-
-def usable_rows(count: int, batch_size: int, multiple: int) -> int:
-    """How many of ``count`` rows an epoch uses when every batch must split
-    into ``multiple`` equal shares: the last, partial batch is cut to a
-    multiple (``batch_size`` itself is one, see ``_check_batch``)."""
-    return count - (count % batch_size) % multiple
 
 
 @contextlib.contextmanager

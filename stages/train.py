@@ -293,7 +293,7 @@ class ScaledBatches(keras.utils.PyDataset):
     def __init__(self, arrays: Arrays, order: np.ndarray, batch_size: int, image_targets: bool,
                  placement: distribution.Placement = distribution.ONE):
         super().__init__()
-        order = order[:distribution.usable_rows(len(order), batch_size, placement.batch_multiple)]
+        order = order[:placement.usable_rows(len(order), batch_size)]
         self.arrays, self.order, self.batch_size, self.image_targets = arrays, order, batch_size, image_targets
         self.placement = placement
 
@@ -349,8 +349,7 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     once the last epoch is trained, before its ``on_epoch``: the checkpoint
     and the saves after training run without the images in memory."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
-    left_out = [count - distribution.usable_rows(count, batch_size, placement.batch_multiple)
-                for count in (len(train), len(val))]
+    left_out = [count - placement.usable_rows(count, batch_size) for count in (len(train), len(val))]
     if any(left_out):
         log.warning("train %s: the last batch must split evenly over %d devices: %d of the training images (a "
                     "different few each epoch) and %d of the validation images are left out of every epoch",
@@ -393,6 +392,11 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     return history
 
 
+def last_metrics(history: dict) -> dict:
+    """Each metric's value after the last epoch, rounded for the log."""
+    return {key: round(values[-1], 5) for key, values in history.items()}
+
+
 def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) -> list[Path]:
     """Train experiment ``name``; returns the outputs written (none in a
     data-parallel process other than the chief: process 0 writes)."""
@@ -419,24 +423,24 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         state = checkpoint.read()
         stale_run = None
         if not checkpoint.usable(state):
-            if state and not state.get("complete") and placement.chief:
-                log.info("checkpoint in %s is for other params or data; starting afresh", checkpoints)
-                stale_run = state.get("run_id")
-            if placement.chief:
+            if placement.chief:  # the others only read: process 0's checkpoints are the ones
+                if state and not state.get("complete"):
+                    log.info("checkpoint in %s is for other params or data; starting afresh", checkpoints)
+                    stale_run = state.get("run_id")
                 checkpoint.clear()
             state = None
+        start = state["epoch"] if state else 0
         # several processes train one model: they must start from the same params, data and weights
         placement.agree("the params and data (every host needs the same params.yaml and data files: dvc pull)",
                         fingerprint)
         placement.agree(f"the epoch to resume from ({checkpoints}/ must be one shared folder, the same copy on "
-                        "every host, or absent on every host)", state["epoch"] if state else 0)
-        if state and state["epoch"] > 0:
+                        "every host, or absent on every host)", start)
+        if start > 0:
             model = checkpoint.model(state)
             log.info("train %s: resuming from checkpoint after epoch %d of %d", name, state["epoch"], epochs)
         else:
-            batch_size = exp.training.batch_size
-            steps_per_epoch = math.ceil(
-                distribution.usable_rows(len(train_arrays), batch_size, placement.batch_multiple) / batch_size)
+            steps_per_epoch = math.ceil(placement.usable_rows(len(train_arrays), exp.training.batch_size)
+                                        / exp.training.batch_size)
             model = build(name, exp, image_shape, len(data.class_names), steps_per_epoch, epochs,
                           train_arrays.y)
             if state:
@@ -446,11 +450,10 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                  name, exp.model.kind, exp.data.input, data.source, train_arrays.x.shape, val_arrays.x.shape,
                  epochs, exp.training.batch_size, keras.backend.backend(), placement.replicas)
         if not placement.chief:  # trains its share of every batch; writes nothing
-            history = fit(name, exp, train_arrays, val_arrays, model, state["epoch"] if state else 0, epochs,
+            history = fit(name, exp, train_arrays, val_arrays, model, start, epochs,
                           state["history"] if state else {}, lambda epoch, logs: (0.0, 0.0), placement)
             log.info("train %s: process %d of %d done: %s; process 0 writes the model, checkpoints and MLflow run",
-                     name, placement.index, placement.processes,
-                     {key: round(values[-1], 5) for key, values in history.items()})
+                     name, placement.index, placement.processes, last_metrics(history))
             return []
         experiment_id = tracking.connect(exp.task)
         if stale_run:
@@ -508,8 +511,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         except BaseException:
             tracking.end_run_quietly("FAILED")
             raise
-    final = {key: values[-1] for key, values in history.items()}
-    log.info("train %s: %s", name, {k: round(v, 5) for k, v in final.items()})
+    log.info("train %s: %s", name, last_metrics(history))
     peak = distribution.device_peak_mib()
     if peak is not None:
         log.info("train %s: peak device memory %.0f MiB", name, peak)

@@ -515,11 +515,11 @@ def test_data_parallel_batches_split_evenly_and_each_process_gets_its_share():
     is cut to a multiple of them (never below), and each of several processes
     gets its own contiguous share of every batch; the shares put side by side
     are the one-process batch."""
-    from stages.distribution import Placement, usable_rows
+    from stages.distribution import Placement
     from stages.experiment_data import Arrays
 
-    assert [usable_rows(n, 8, 4) for n in (32, 33, 35, 36, 39)] == [32, 32, 32, 36, 36]
-    assert usable_rows(13, 8, 1) == 13  # TensorFlow splits uneven batches itself
+    assert [Placement(4, batch_multiple=4).usable_rows(n, 8) for n in (32, 33, 35, 36, 39)] == [32, 32, 32, 36, 36]
+    assert Placement(4).usable_rows(13, 8) == 13  # TensorFlow splits uneven batches itself
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (23, 3, 3, 1), dtype=np.uint8)
     labels = np.arange(23)
