@@ -345,7 +345,8 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
         history: dict, on_epoch, placement: distribution.Placement = distribution.ONE) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after
     each one, which returns the seconds its checkpoint and its tracking took
-    (logged with the epoch's own time). ``train`` and ``val`` are released
+    (logged with the epoch's own time); ``on_epoch`` is None in a process
+    that writes neither. ``train`` and ``val`` are released
     once the last epoch is trained, before its ``on_epoch``: the checkpoint
     and the saves after training run without the images in memory."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
@@ -383,10 +384,16 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
             logs = {key: float(values[-1]) for key, values in result.history.items()}
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
-            checkpoint_s, tracking_s = on_epoch(epoch, logs)
-            log.info("train %s: epoch %d/%d in %.2f s (then checkpoint %.3f s, tracking %.3f s): %s", name, epoch + 1,
-                     epochs, time.perf_counter() - started - checkpoint_s - tracking_s, checkpoint_s, tracking_s,
-                     " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
+            after = on_epoch(epoch, logs) if on_epoch else None
+            shown = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
+            if after is None:
+                log.info("train %s: epoch %d/%d in %.2f s: %s", name, epoch + 1, epochs,
+                         time.perf_counter() - started, shown)
+            else:
+                checkpoint_s, tracking_s = after
+                log.info("train %s: epoch %d/%d in %.2f s (then checkpoint %.3f s, tracking %.3f s): %s", name,
+                         epoch + 1, epochs, time.perf_counter() - started - checkpoint_s - tracking_s, checkpoint_s,
+                         tracking_s, shown)
     finally:
         validation.release()
     return history
@@ -451,7 +458,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                  epochs, exp.training.batch_size, keras.backend.backend(), placement.replicas)
         if not placement.chief:  # trains its share of every batch; writes nothing
             history = fit(name, exp, train_arrays, val_arrays, model, start, epochs,
-                          state["history"] if state else {}, lambda epoch, logs: (0.0, 0.0), placement)
+                          state["history"] if state else {}, None, placement)
             log.info("train %s: process %d of %d done: %s; process 0 writes the model, checkpoints and MLflow run",
                      name, placement.index, placement.processes, last_metrics(history))
             return []

@@ -150,6 +150,9 @@ def test_two_processes_train_one_model_with_the_losses_of_one_device(tmp_path):
     assert "over 2 cpu device(s) in 2 process(es), this one 0" in chief_log
     assert "over 2 cpu device(s) in 2 process(es), this one 1" in worker_log
     assert "process 1 of 2 done" in worker_log and "left out" not in chief_log
+    # each epoch logged by both; only process 0's line has a checkpoint and tracking time (it alone writes)
+    assert chief_log.count("then checkpoint") == 3 and "epoch 3/3 in" in worker_log
+    assert "then checkpoint" not in worker_log
     one = json.loads((root / "models/one/history.json").read_text())
     two = json.loads((root / "models/two/history.json").read_text())
     assert set(one) == set(two) == {"loss", "accuracy", "val_loss", "val_accuracy"}
