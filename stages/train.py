@@ -345,10 +345,10 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
         history: dict, on_epoch, placement: distribution.Placement = distribution.ONE) -> dict:
     """Train epochs ``start..epochs-1``; call ``on_epoch(epoch, logs)`` after
     each one, which returns the seconds its checkpoint and its tracking took
-    (logged with the epoch's own time); ``on_epoch`` is None in a process
-    that writes neither. ``train`` and ``val`` are released
-    once the last epoch is trained, before its ``on_epoch``: the checkpoint
-    and the saves after training run without the images in memory."""
+    (logged with the epoch's own time); None in a process that writes
+    neither. ``train`` and ``val`` are released once the last epoch is
+    trained, before its ``on_epoch``: the checkpoint and the saves after
+    training run without the images in memory."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
     left_out = [count - placement.usable_rows(count, batch_size) for count in (len(train), len(val))]
     if any(left_out):
@@ -384,16 +384,11 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
             logs = {key: float(values[-1]) for key, values in result.history.items()}
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
-            after = on_epoch(epoch, logs) if on_epoch else None
-            shown = " ".join(f"{k} {v:.5g}" for k, v in logs.items())
-            if after is None:
-                log.info("train %s: epoch %d/%d in %.2f s: %s", name, epoch + 1, epochs,
-                         time.perf_counter() - started, shown)
-            else:
-                checkpoint_s, tracking_s = after
-                log.info("train %s: epoch %d/%d in %.2f s (then checkpoint %.3f s, tracking %.3f s): %s", name,
-                         epoch + 1, epochs, time.perf_counter() - started - checkpoint_s - tracking_s, checkpoint_s,
-                         tracking_s, shown)
+            checkpoint_s, tracking_s = on_epoch(epoch, logs) if on_epoch else (0.0, 0.0)
+            after = f" (then checkpoint {checkpoint_s:.3f} s, tracking {tracking_s:.3f} s)" if on_epoch else ""
+            log.info("train %s: epoch %d/%d in %.2f s%s: %s", name, epoch + 1, epochs,
+                     time.perf_counter() - started - checkpoint_s - tracking_s, after,
+                     " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
     finally:
         validation.release()
     return history
