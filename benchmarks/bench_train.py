@@ -173,7 +173,8 @@ def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Pat
         evaluate_s, evaluate_rss, _ = timed([sys.executable, "-m", "stages.evaluate", name], project, env)
     return {"epoch_s": epoch_s, **after_epoch(lines), "stage_s": train_s, "peak_rss_mib": train_rss,
             "evaluate_s": evaluate_s, "evaluate_peak_rss_mib": evaluate_rss,
-            "device_peak_mib": int(device_peak[-1]) if device_peak else None}
+            "device_peak_mib": int(device_peak[-1]) if device_peak else None,
+            "history": json.loads((project / "models" / name / "history.json").read_text())}
 
 
 # --- the seed scripts, as plain Keras --------------------------------------

@@ -56,8 +56,9 @@ def bench_section(bench: dict, costs: dict[str, dict]) -> str:
 
 def options_section(options: list[dict], bench: dict | None, costs: dict[str, dict]) -> str:
     """One row per option run, against ours with no option in ``bench`` (same experiment)."""
-    lines = ["| experiment | option | batch | images/s | median epoch | vs no option | device peak | "
-             "achieved (estimate) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| experiment | option | batch | epochs | images/s | median epoch | vs no option | device peak | "
+             "achieved (estimate) | after the last epoch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in options:
         for name, r in result["experiments"].items():
             ours = r["ours"]
@@ -65,9 +66,19 @@ def options_section(options: list[dict], bench: dict | None, costs: dict[str, di
             versus = f"{ours['images_per_s'] / plain['images_per_s']:.2f}x" if plain else "n/a"
             peak = "n/a" if ours.get("device_peak_mib") is None else f"{ours['device_peak_mib']:,} MiB"
             lines.append(f"| `{name}` | {', '.join(result['ours_overrides']) or 'none'} | {r['batch_size']} | "
-                         f"{ours['images_per_s']:,.0f} | {ours['median_epoch_s']:.2f} s | {versus} | {peak} | "
-                         f"{achieved(ours['images_per_s'], costs.get(name))} |")
+                         f"{r['epochs']} | {ours['images_per_s']:,.0f} | {ours['median_epoch_s']:.2f} s | {versus} | "
+                         f"{peak} | {achieved(ours['images_per_s'], costs.get(name))} | "
+                         f"{validation(ours.get('history'))} |")
     return "\n".join(lines)
+
+
+def validation(history: dict | None) -> str:
+    """The validation figures after the last epoch, from the stage's history:
+    whether an option that is faster also trains as well (a larger batch
+    takes fewer steps an epoch)."""
+    shown = [f"{key} {values[-1]:.4g}" for key, values in sorted((history or {}).items())
+             if key.startswith("val_") and values]
+    return ", ".join(shown) or "n/a"
 
 
 def headline(test: dict) -> str:

@@ -10,10 +10,11 @@ import bench_module
 gpu_report = bench_module.load("gpu_report")
 
 
-def _ours(images_per_s: float, epoch_s: float, device_peak=None) -> dict:
+def _ours(images_per_s: float, epoch_s: float, device_peak=None, history=None) -> dict:
     return {"epoch_s": [9.0, epoch_s, epoch_s], "stage_s": 30.0, "peak_rss_mib": 2000, "evaluate_s": None,
             "evaluate_peak_rss_mib": None, "device_peak_mib": device_peak, "median_epoch_s": epoch_s,
-            "images_per_s": images_per_s, "fastest_epoch_s": epoch_s, "fastest_images_per_s": images_per_s}
+            "images_per_s": images_per_s, "fastest_epoch_s": epoch_s, "fastest_images_per_s": images_per_s,
+            **({"history": history} if history is not None else {})}
 
 
 def _result(ours: dict, overrides=(), seed=None, batch=256) -> dict:
@@ -34,12 +35,14 @@ def test_achieved_rates_are_throughput_times_the_step_cost():
 
 def test_options_are_compared_with_ours_without_them():
     bench = _result(_ours(100_000, 0.7))
-    rows = gpu_report.options_section([_result(_ours(140_000, 0.5, 812), ["training.data_on_device=true"]),
+    last = {"loss": [0.09, 0.0712], "val_loss": [0.08, 0.07034567], "val_accuracy": [0.75, 0.8125]}
+    rows = gpu_report.options_section([_result(_ours(140_000, 0.5, 812, last), ["training.data_on_device=true"]),
                                        _result(_ours(90_000, 0.78), [], batch=2048)], bench,
                                       {"mnist_cae": COST}).splitlines()
-    assert rows[2] == ("| `mnist_cae` | training.data_on_device=true | 256 | 140,000 | 0.50 s | 1.40x | 812 MiB | "
-                       "0.56 TFLOP/s, 280 GB/s |")
-    assert rows[3].startswith("| `mnist_cae` | none | 2048 | 90,000 | 0.78 s | 0.90x | n/a |")
+    assert rows[2] == ("| `mnist_cae` | training.data_on_device=true | 256 | 3 | 140,000 | 0.50 s | 1.40x | 812 MiB | "
+                       "0.56 TFLOP/s, 280 GB/s | val_accuracy 0.8125, val_loss 0.07035 |")
+    assert rows[3].startswith("| `mnist_cae` | none | 2048 | 3 | 90,000 | 0.78 s | 0.90x | n/a |")
+    assert rows[3].endswith("| n/a |")  # a result from before the stage's history was recorded
 
 
 def test_seed_runs_are_totalled_against_five_minutes():
@@ -72,5 +75,5 @@ def test_a_session_folder_becomes_one_report(tmp_path):
     text = gpu_report.report(tmp_path)
     assert "NVIDIA H200" in text and "## Ours against the seed's script" in text and "1.25x" in text
     assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s | 0.30 / 0.40 s | 0.02 / 0.03 s |" in text
-    assert "training.mixed_precision=true | 256 | 120,000 | 0.58 s | 1.20x" in text
+    assert "training.mixed_precision=true | 256 | 3 | 120,000 | 0.58 s | 1.20x" in text
     assert "## Seed experiments" not in text  # that part did not run

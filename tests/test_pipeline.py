@@ -3,6 +3,8 @@ download, prepare, corrupt, then train and evaluate two tiny experiments."""
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,16 @@ def test_a_stage_lists_every_module_that_shapes_its_outputs(stage):
     listed = {Path(dep).stem for dep in dvc_yaml["stages"][stage]["do"]["deps"] if dep.startswith("stages/")}
     missing = _stage_imports(stage) - PLUMBING - listed
     assert not missing, f"dvc.yaml's {stage} stage does not list stages/{{{','.join(sorted(missing))}}}.py"
+
+
+@pytest.mark.parametrize("stage", ["download", "prepare", "corrupt", "report"])
+def test_a_stage_without_a_model_starts_without_the_heavy_libraries(stage):
+    """The data stages and the report need no model: importing one (what
+    ``python -m stages.<stage>`` does before its ``main``) must not pull in
+    TensorFlow, Keras, JAX or MLflow, whose imports take seconds and about
+    half a GiB of memory (docs/benchmarks.md, the peak memory tables)."""
+    heavy = ("tensorflow", "keras", "jax", "mlflow", "torch")
+    code = (f"import sys, stages.{stage}\n"
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"stages.{stage} imports {result.stdout.strip()}"
