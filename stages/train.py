@@ -384,11 +384,13 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
             logs = {key: float(values[-1]) for key, values in result.history.items()}
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
-            checkpoint_s, tracking_s = on_epoch(epoch, logs) if on_epoch else (0.0, 0.0)
-            after = f" (then checkpoint {checkpoint_s:.3f} s, tracking {tracking_s:.3f} s)" if on_epoch else ""
+            after, after_s = "", 0.0  # the checkpoint and tracking, in the process that writes them
+            if on_epoch:
+                checkpoint_s, tracking_s = on_epoch(epoch, logs)
+                after = f" (then checkpoint {checkpoint_s:.3f} s, tracking {tracking_s:.3f} s)"
+                after_s = checkpoint_s + tracking_s
             log.info("train %s: epoch %d/%d in %.2f s%s: %s", name, epoch + 1, epochs,
-                     time.perf_counter() - started - checkpoint_s - tracking_s, after,
-                     " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
+                     time.perf_counter() - started - after_s, after, " ".join(f"{k} {v:.5g}" for k, v in logs.items()))
     finally:
         validation.release()
     return history
