@@ -86,6 +86,11 @@ def params_hash(tree: dict) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# the commit a copy of the source tree came from, where it has no .git to ask
+# (the tree copied to a GPU machine): set by whoever made the copy
+SOURCE_COMMIT = "IMAGEPIPE_SOURCE_COMMIT"
+
+
 def git_state(root: Path = Path(".")) -> dict[str, str]:
     def git(*args: str) -> str | None:
         try:
@@ -95,6 +100,8 @@ def git_state(root: Path = Path(".")) -> dict[str, str]:
         return result.stdout.strip() if result.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get(SOURCE_COMMIT):  # a copy of the tree without .git (a GPU machine)
+        return {"git_commit": os.environ[SOURCE_COMMIT], "git_dirty": "unknown"}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status))}
 
@@ -113,11 +120,46 @@ def data_hashes(paths: list[str], lock: Path = Path("dvc.lock")) -> dict[str, st
     return found
 
 
-def environment() -> dict[str, str]:
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def accelerators() -> str:
+    """The accelerators the backend trains on, by their product name
+    ("NVIDIA H200"), or "none"."""
     import keras
 
+    if keras.backend.backend() == "jax":
+        import jax
+
+        kinds = [d.device_kind for d in jax.local_devices() if d.platform != "cpu"]
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        kinds = [tf.config.experimental.get_device_details(d).get("device_name", d.name)
+                 for d in tf.config.list_physical_devices("GPU")]
+    else:
+        kinds = []
+    return ", ".join(f"{n} x {kind}" if n > 1 else kind for kind, n in
+                     ((k, kinds.count(k)) for k in dict.fromkeys(kinds))) or "none"
+
+
+def environment() -> dict[str, str]:
+    """Where a run ran: the machine's CPU and accelerators, the Keras backend
+    and the versions that decide its numbers."""
+    import keras
+    import numpy as np
+
     versions = {"python": platform.python_version(), "keras": keras.__version__,
-                "keras_backend": keras.backend.backend()}
+                "keras_backend": keras.backend.backend(), "cpu": cpu_model(), "accelerator": accelerators(),
+                "numpy": np.__version__}
     try:
         devices = keras.distribution.list_devices()
     except Exception:  # noqa: BLE001 - listing devices is best effort
@@ -386,10 +428,14 @@ class MetricLog:
         return True
 
 
-def save_run_ref(path: Path, run_id: str, experiment_id: str) -> None:
-    """The DVC output that tells later stages (and people) which MLflow run this is."""
-    atomic.write_text(path, json.dumps({"run_id": run_id, "experiment_id": experiment_id,
-                                        "tracking_uri": tracking_label()}, indent=2) + "\n")
+def save_run_ref(path: Path, run_id: str, experiment_id: str, trained: dict | None = None) -> None:
+    """The DVC output that tells later stages (and people) which MLflow run
+    this is and, as ``trained``, how the model was trained: where (machine,
+    backend, versions, commit), how many epochs and how long."""
+    ref = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()}
+    if trained is not None:
+        ref["trained"] = trained
+    atomic.write_text(path, json.dumps(ref, indent=2) + "\n")
 
 
 def load_run_ref(path: Path) -> dict:
