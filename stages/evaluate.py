@@ -70,11 +70,13 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
     }
     image = np.clip(output, 0.0, 1.0, out=output)
     image_mse = metrics.mse_per_image(target, image)
+    # SSIM keeps only where its 11x11 window fits: none of a smaller (toy) image
+    has_ssim = min(target.shape[1:3]) >= metrics.SSIM_WINDOW
     results.update({
         # PSNR two ways: the mean of per-image PSNR, and the PSNR of the pooled MSE
         "psnr": metrics.psnr_from_mse(image_mse),
         "psnr_pooled": metrics.psnr_from_mse(image_mse, pooled=True),
-        "ssim": metrics.ssim(target, image),
+        **({"ssim": metrics.ssim(target, image)} if has_ssim else {}),
         "latent_size": latent_size,
         "compression_ratio": metrics.compression_ratio(target.shape[1:], latent),
         "pca_baseline_psnr": metrics.psnr_from_mse(pca_mse),
@@ -85,7 +87,8 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
         noisy_mse = metrics.mse_per_image(target, test.x)
         results["psnr_input"] = metrics.psnr_from_mse(noisy_mse)
         results["psnr_input_pooled"] = metrics.psnr_from_mse(noisy_mse, pooled=True)
-        results["ssim_input"] = metrics.ssim(target, test.x)
+        if has_ssim:
+            results["ssim_input"] = metrics.ssim(target, test.x)
         grid["corrupted input"] = test.x[:GRID_IMAGES]
     grid["reconstruction"] = image[:GRID_IMAGES]
     plots.reconstruction_grid(grid, folder / "reconstructions.png", max_images=GRID_IMAGES)

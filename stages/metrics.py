@@ -36,7 +36,9 @@ MSE_FLOOR = 1e-10
 """Per-image MSE floor for PSNR: identical images give 100 dB instead of inf."""
 
 SSIM_SIGMA = 1.5
-SSIM_TRUNCATE = 3.5  # radius int(3.5 * 1.5 + 0.5) = 5 -> an 11x11 window, as in Wang et al.
+SSIM_TRUNCATE = 3.5
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5, scipy's rule: an 11x11 window, as in Wang et al.
+SSIM_WINDOW = 2 * SSIM_RADIUS + 1
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
@@ -117,26 +119,37 @@ def psnr(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> float
 
 
 def ssim(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> float:
-    """Mean structural similarity (Wang et al. 2004) of NHWC image batches.
+    """Mean structural similarity of NHWC image batches, as Wang et al. (2004) define it.
 
     Local statistics use a Gaussian window (sigma 1.5, truncated to 11x11)
     over H and W only, so every channel is scored on its own; covariances are
-    the window-weighted population ones, K1 = 0.01 and K2 = 0.03. The SSIM map
-    covers the *whole* image, borders included, with the window reflected at
-    the edges (scipy ``mode="reflect"``); with 28x28 or 32x32 images, keeping
-    only the valid interior would drop most of the pixels. The map is averaged
-    over pixels, channels and images, so results differ slightly from tools
-    that crop the border (e.g. scikit-image's default).
+    the window-weighted population ones, K1 = 0.01 and K2 = 0.03. Only the
+    valid region of the SSIM map is kept, the pixels at least SSIM_RADIUS from
+    every edge, where the whole window lies inside the image (18x18 of a 28x28
+    digit, 22x22 of a 32x32 image). Each image scores the mean over that region
+    and its channels; the result is the mean over images. That is
+    scikit-image's ``structural_similarity(..., channel_axis=-1,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=data_range)`` averaged over the images (the tests check it), and
+    the convention of the reference code and of ``tf.image.ssim``.
+
+    Images smaller than SSIM_WINDOW on a side have no valid region and are refused.
     """
     target, pred = _check_pair(target, pred)
     if target.ndim != 4:
         raise ValueError(f"ssim expects NHWC batches, got shape {target.shape}")
+    height, width = target.shape[1:3]
+    if min(height, width) < SSIM_WINDOW:
+        raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} (its window), "
+                         f"got {height}x{width}")
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     sigma = (0.0, SSIM_SIGMA, SSIM_SIGMA, 0.0)
+    valid = (slice(None), slice(SSIM_RADIUS, height - SSIM_RADIUS), slice(SSIM_RADIUS, width - SSIM_RADIUS))
 
     def blur(a: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(a, sigma, mode="reflect", truncate=SSIM_TRUNCATE)
+        # the mode only decides the cropped border, never a kept value
+        return ndimage.gaussian_filter(a, sigma, mode="reflect", truncate=SSIM_TRUNCATE)[valid]
 
     total = 0.0
     for part in _chunks(len(target), _per_image_values(target)):
@@ -149,7 +162,8 @@ def ssim(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> float
         numerator = (2.0 * mu_x * mu_y + c1) * (2.0 * cov + c2)
         denominator = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
         total += float(np.sum(numerator / denominator))
-    return total / target.size
+    valid_values = (height - 2 * SSIM_RADIUS) * (width - 2 * SSIM_RADIUS) * target.shape[3]
+    return total / (len(target) * valid_values)
 
 
 def keras_accuracy(target: np.ndarray, pred: np.ndarray) -> float:

@@ -79,7 +79,7 @@ def test_psnr_data_range_and_per_image_mean():
 # --- ssim --------------------------------------------------------------------
 
 def _reference_ssim_one_channel(x, y, data_range=1.0):
-    """Direct 11x11 Gaussian-window SSIM with symmetric (scipy 'reflect') padding."""
+    """Direct 11x11 Gaussian-window SSIM, averaged where the window lies inside the image."""
     r = 5
     ax = np.arange(-r, r + 1)
     g = np.exp(-(ax**2) / (2 * 1.5**2))
@@ -96,7 +96,8 @@ def _reference_ssim_one_channel(x, y, data_range=1.0):
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = filt(x), filt(y)
     vx, vy, cxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
-    return np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    ssim_map = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return np.mean(ssim_map[r:-r, r:-r])
 
 
 def test_ssim_matches_direct_window_computation():
@@ -126,18 +127,20 @@ def test_ssim_of_constant_images_is_the_luminance_term(m1, m2):
     assert ssim(x, y) == pytest.approx((2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1), rel=1e-9)
 
 
-def test_ssim_needs_nhwc():
+def test_ssim_needs_nhwc_images_the_window_fits_in():
     with pytest.raises(ValueError, match="NHWC"):
         ssim(np.zeros((8, 8)), np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(np.zeros((2, 28, 10, 1)), np.zeros((2, 28, 10, 1)))
 
 
 def test_chunking_does_not_change_results(monkeypatch):
-    x = _images(7, 8, 8, 3, seed=3)
+    x = _images(7, 12, 12, 3, seed=3)
     y = np.clip(x + 0.1 * np.random.default_rng(4).standard_normal(x.shape), 0, 1).astype(np.float32)
     fns = (mse, bce, psnr, ssim, keras_accuracy)
     whole = [f(x, y) for f in fns]
     whole_pca = pca_baseline_psnr(x, y, 5)
-    monkeypatch.setattr(metrics, "CHUNK_VALUES", 150)  # fewer values than one image: 1 image per chunk
+    monkeypatch.setattr(metrics, "CHUNK_VALUES", 400)  # fewer values than one image: 1 image per chunk
     assert [f(x, y) for f in fns] == pytest.approx(whole, rel=1e-12)
     assert pca_baseline_psnr(x, y, 5) == pytest.approx(whole_pca, rel=1e-9)
 
@@ -324,7 +327,7 @@ def test_pca_of_uint8_images_is_the_pca_of_their_scaled_floats(monkeypatch, chun
     assert np.abs(got[0]).max() <= 1.0  # scaled: a mean of values in [0, 1]
 
 
-@pytest.mark.parametrize("chunk_values", [None, 8 * 8 * 3 * 7])  # one chunk; chunks of 7 images
+@pytest.mark.parametrize("chunk_values", [None, 12 * 12 * 3 * 7])  # one chunk; chunks of 7 images
 @pytest.mark.parametrize("channels", [1, 3])  # binary and categorical keras_accuracy
 def test_uint8_targets_and_inputs_score_exactly_like_their_scaled_floats(monkeypatch, chunk_values, channels):
     """evaluate passes the uint8 test images (no float copy of the test set):
@@ -334,7 +337,7 @@ def test_uint8_targets_and_inputs_score_exactly_like_their_scaled_floats(monkeyp
     if chunk_values:
         monkeypatch.setattr(metrics, "CHUNK_VALUES", chunk_values)
     rng = np.random.default_rng(5)
-    target = rng.integers(0, 256, (30, 8, 8, channels), dtype=np.uint8)
+    target = rng.integers(0, 256, (30, 12, 12, channels), dtype=np.uint8)  # SSIM's window fits
     target[:3] = 255 * (target[:3] > 127)  # exact 0/1 pixels, the only ones binary accuracy can count
     noisy = rng.integers(0, 256, target.shape, dtype=np.uint8)
     output = rng.uniform(-0.1, 1.1, target.shape).astype(np.float32)  # unclipped, as a model's can be
@@ -343,7 +346,7 @@ def test_uint8_targets_and_inputs_score_exactly_like_their_scaled_floats(monkeyp
         np.testing.assert_array_equal(fn(target, output), fn(scaled, output), err_msg=fn.__name__)
         np.testing.assert_array_equal(fn(target, noisy), fn(scaled, noisy_scaled), err_msg=fn.__name__)
     assert keras_accuracy(target, output) > 0
-    train = rng.integers(0, 256, (40, 8, 8, channels), dtype=np.uint8)
+    train = rng.integers(0, 256, (40, 12, 12, channels), dtype=np.uint8)
     np.testing.assert_array_equal(pca_reconstruction_mse(train, target, 4, test_inputs=noisy),
                                   pca_reconstruction_mse(train, scaled, 4, test_inputs=noisy_scaled))
 
