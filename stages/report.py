@@ -58,6 +58,7 @@ class Row:
     epochs: int
     test: dict
     improves_on: str | None = None
+    trained: dict = field(default_factory=dict)  # where and how long: evaluate's copy of train's record
     vs_seed: float | None = None  # PSNR dB or accuracy points over the improves_on experiment
     best: bool = False
     images: dict[str, Path] = field(default_factory=dict)
@@ -77,7 +78,8 @@ def build_rows(experiments: dict, metrics: dict[str, dict]) -> list[Row]:
         rows.append(Row(name=name, task=exp.task, description=exp.description, seed_figure=exp.seed_figure,
                         dataset=exp.data.target if exp.data.input == exp.data.target
                         else f"{exp.data.input} -> {exp.data.target}", source=summary.get("dataset_source", ""),
-                        epochs=int(summary["epochs"]), test=summary["test"], improves_on=exp.improves_on))
+                        epochs=int(summary["epochs"]), test=summary["test"], improves_on=exp.improves_on,
+                        trained=summary.get("trained", {})))
 
     def score(row: Row) -> float:
         return row.test.get("psnr" if row.task == "autoencoder" else "accuracy", float("-inf"))
@@ -110,10 +112,10 @@ def _gain(row: Row) -> float | None:
     return None if psnr is None or pca is None else psnr - pca
 
 
-AE_COLUMNS = ("experiment", "dataset", "epochs", "latent", "PSNR dB", "PSNR pooled", "PCA same latent",
+AE_COLUMNS = ("experiment", "dataset", "epochs", "train s", "latent", "PSNR dB", "PSNR pooled", "PCA same latent",
               "vs PCA", "vs seed", "input (noisy, grey)", "SSIM", "SSIM input", "Keras \"accuracy\"",
               "seed's figure")
-CLF_COLUMNS = ("experiment", "dataset", "epochs", "accuracy", "vs seed", "worst class", "R / G / B digits", "loss",
+CLF_COLUMNS = ("experiment", "dataset", "epochs", "train s", "accuracy", "vs seed", "worst class", "R / G / B digits", "loss",
                "seed's figure")
 
 
@@ -132,10 +134,42 @@ def _colours(t: dict) -> str:
     return " / ".join(_num(100 * t[k], 1, "%") if k in t else "-" for k in keys) if any(k in t for k in keys) else ""
 
 
+def _train_s(row: Row) -> str:
+    """The train stage's seconds; marked when they are only a resumed run's share."""
+    seconds = row.trained.get("seconds")
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f}" + (f" (from epoch {row.trained['resumed_at_epoch']})"
+                               if row.trained.get("resumed_at_epoch") else "")
+
+
+TRAINED_ON = ("accelerator", "cpu", "keras_backend", "keras", "jax", "tensorflow", "git_commit")
+
+
+def trained_on(rows: list[Row]) -> list[str]:
+    """One line per distinct machine, backend, versions and commit the rows were trained with."""
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        key = tuple((k, row.trained[k]) for k in TRAINED_ON if k in row.trained)
+        groups.setdefault(key, []).append(row.name)
+    lines = []
+    for key, names in groups.items():
+        where = dict(key)
+        if not where:
+            lines.append(f"no record of the machine (trained before runs recorded it): {', '.join(names)}")
+            continue
+        versions = ", ".join(f"{k} {where[k]}" for k in ("keras", "jax", "tensorflow") if k in where)
+        device = where.get("accelerator") if where.get("accelerator", "none") != "none" else where.get("cpu", "?")
+        lines.append(f"{device}, Keras on {where.get('keras_backend', '?')} ({versions}), commit "
+                     f"{where.get('git_commit', 'unknown')[:10]}: "
+                     + (f"all {len(names)} experiments" if len(groups) == 1 < len(names) else ", ".join(names)))
+    return lines
+
+
 def _ae_cells(row: Row) -> list[str]:
     t = row.test
     gain = _gain(row)
-    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), str(int(t.get("latent_size", 0))),
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row), str(int(t.get("latent_size", 0))),
             _num(t.get("psnr")), _num(t.get("psnr_pooled")), _num(t.get("pca_baseline_psnr")),
             "" if gain is None else f"{gain:+.2f}", _vs_seed(row), _num(t.get("psnr_input")), _num(t.get("ssim"), 3),
             _num(t.get("ssim_input"), 3), _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"),
@@ -144,7 +178,7 @@ def _ae_cells(row: Row) -> list[str]:
 
 def _clf_cells(row: Row) -> list[str]:
     t = row.test
-    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _num(100 * t["accuracy"], 2, "%"),
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row), _num(100 * t["accuracy"], 2, "%"),
             _vs_seed(row), _num(100 * t["min_class_accuracy"], 1, "%"), _colours(t), _num(t.get("loss"), 4),
             row.seed_figure or ""]
 
@@ -160,7 +194,9 @@ def render_markdown(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str
              "for a denoiser) with as many components as the autoencoder's latent values. \"vs seed\": "
              "an improved model's PSNR (dB) or accuracy (points) minus the seed experiment's it improves on. "
              "\"Input\": the corrupted (noisy or grey) input scored as if it were the output. "
-             "**Bold**: the best of several models for the same data (input and target).", ""]
+             "**Bold**: the best of several models for the same data (input and target). \"train s\": "
+             "the train stage's seconds, compile and checkpoints included.", ""]
+    lines += ["Trained on:", ""] + [f"- {line}" for line in trained_on(rows)] + [""]
     if not_evaluated:
         lines += [f"Not evaluated yet, so left out: {', '.join(not_evaluated)}.", ""]
     for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):
@@ -221,7 +257,9 @@ def render_html(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str:
              "(for a denoiser, of the noisy input). vs seed: an improved model's PSNR (dB) or accuracy "
              "(points) minus the seed experiment's it improves on. Input: the corrupted (noisy or grey) input "
              "scored as if it were the output. Green rows: the best of several models for the same data "
-             "(input and target).</p>"]
+             "(input and target). train s: the train stage's seconds, compile and checkpoints included.</p>",
+             "<p>Trained on:</p><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in trained_on(rows))
+             + "</ul>"]
     if not_evaluated:
         parts.append(f"<p>Not evaluated yet, so left out: {html.escape(', '.join(not_evaluated))}.</p>")
     for task, columns, cells in (("autoencoder", AE_COLUMNS, _ae_cells), ("classifier", CLF_COLUMNS, _clf_cells)):

@@ -72,9 +72,9 @@ def test_markdown_table_shows_gain_over_pca_seed_figure_and_noisy_input():
     ae_line = next(line for line in text.splitlines() if "**dae**" in line)
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", ae_line)[1:-1]]
     assert cells[0] == "**dae**"
-    assert cells[4:11] == ["23.50", "23.00", "21.25", "+2.25", "", "9.40", "0.900"]
+    assert cells[5:12] == ["23.50", "23.00", "21.25", "+2.25", "", "9.40", "0.900"]
     assert cells[-1] == "val_loss 0.1 \\| 10 epochs"  # a '|' in a figure does not break the table
-    assert "| **cnn** | prepared/digits (mnist) | 2 | 98.76% |  | 49.4% |  | 0.3000 |" in text
+    assert "| **cnn** | prepared/digits (mnist) | 2 |  | 98.76% |  | 49.4% |  | 0.3000 |" in text
 
 
 def _improved(base: dict, seed: str) -> dict:
@@ -228,3 +228,24 @@ def test_report_writes_the_dvc_plots_data_and_replaces_stale_files(tmp_path):
                                             r"run evaluate@cnn again"):
         report(params, metrics_dir, reports, models, tmp_path / "out", log_mlflow=False, plots_dir=plots)
     assert (plots / "confusion" / "cnn.csv").is_file()
+
+
+def test_rows_say_where_and_how_long_they_trained():
+    params = _params(a=_ae(), b=_clf(), c=_clf())
+    gpu = {"accelerator": "NVIDIA H200", "cpu": "AMD EPYC", "keras_backend": "jax", "keras": "3.15.1",
+           "jax": "0.11.2", "git_commit": "0123456789abcdef"}
+    metrics = {"a": {**_ae_metrics(23.5), "trained": {**gpu, "seconds": 41.6, "resumed_at_epoch": 0}},
+               "b": {**_clf_metrics(0.9), "trained": {**gpu, "seconds": 12.2, "resumed_at_epoch": 3}},
+               "c": _clf_metrics(0.8)}
+    rows = build_rows(params.experiments, metrics)
+    text = render_markdown(rows)
+    assert "- NVIDIA H200, Keras on jax (keras 3.15.1, jax 0.11.2), commit 0123456789: a, b" in text
+    assert "- no record of the machine (trained before runs recorded it): c" in text
+    cells = {row.name: row for row in rows}
+    from stages.report import _train_s
+    assert _train_s(cells["a"]) == "42" and _train_s(cells["b"]) == "12 (from epoch 3)" and _train_s(cells["c"]) == ""
+    one = build_rows(_params(a=_ae()).experiments, {"a": metrics["a"]})
+    assert "commit 0123456789: a\n" in render_markdown(one)
+    two = build_rows(_params(a=_ae(), b=_clf()).experiments, {"a": metrics["a"], "b": metrics["b"]})
+    assert "commit 0123456789: all 2 experiments" in render_markdown(two)
+    assert "<li>NVIDIA H200, Keras on jax" in render_html(one)
