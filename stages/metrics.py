@@ -130,8 +130,8 @@ def ssim(target: np.ndarray, pred: np.ndarray, data_range: float = 1.0) -> float
     and its channels; the result is the mean over images. That is
     scikit-image's ``structural_similarity(..., channel_axis=-1,
     gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-    data_range=data_range)`` averaged over the images (the tests check it), and
-    the convention of the reference code and of ``tf.image.ssim``.
+    data_range=data_range)`` averaged over the images (the tests check it);
+    ``tf.image.ssim`` follows the same convention.
 
     Images smaller than SSIM_WINDOW on a side have no valid region and are refused.
     """

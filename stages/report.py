@@ -194,6 +194,9 @@ def render_markdown(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str
              "for a denoiser) with as many components as the autoencoder's latent values. \"vs seed\": "
              "an improved model's PSNR (dB) or accuracy (points) minus the seed experiment's it improves on. "
              "\"Input\": the corrupted (noisy or grey) input scored as if it were the output. "
+             "SSIM: Wang et al. (2004), an 11x11 Gaussian window (sigma 1.5) averaged over the valid region "
+             "only, as scikit-image's structural_similarity with gaussian_weights, sigma 1.5, population "
+             "covariances and data_range 1 (metrics written before 2026-12-04 averaged the whole map). "
              "**Bold**: the best of several models for the same data (input and target). \"train s\": "
              "the train stage's seconds, compile and checkpoints included.", ""]
     lines += ["Trained on:", ""] + [f"- {line}" for line in trained_on(rows)] + [""]
@@ -256,7 +259,10 @@ def render_html(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str:
              "PCA same latent: a PCA reconstruction with as many components as the latent has values "
              "(for a denoiser, of the noisy input). vs seed: an improved model's PSNR (dB) or accuracy "
              "(points) minus the seed experiment's it improves on. Input: the corrupted (noisy or grey) input "
-             "scored as if it were the output. Green rows: the best of several models for the same data "
+             "scored as if it were the output. SSIM: Wang et al. (2004), an 11x11 Gaussian window (sigma 1.5) "
+             "averaged over the valid region only, as scikit-image's structural_similarity with gaussian_weights, "
+             "sigma 1.5, population covariances and data_range 1 (metrics written before 2026-12-04 averaged the "
+             "whole map). Green rows: the best of several models for the same data "
              "(input and target). train s: the train stage's seconds, compile and checkpoints included.</p>",
              "<p>Trained on:</p><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in trained_on(rows))
              + "</ul>"]
