@@ -57,6 +57,19 @@ WHEELS = (
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions",
     "cryptography", "cffi", "pycparser",
 )
+# DVC and what it needs beyond WHEELS and the GPU image, for ``dvc commit`` and
+# ``dvc status`` there (``--dvc``), in a tree without .git (``core.no_scm``):
+# pygit2 (4.7 MiB) and dvc-task's Celery queue are left out, as neither runs
+# without git or a queue; antlr4-python3-runtime is a source package, built here
+DVC_WHEELS = (
+    "dvc", "dvc-data", "dvc-http", "dvc-objects", "dvc-render", "dvc-studio-client", "dvc-task", "scmrepo",
+    "aiohttp-retry", "antlr4-python3-runtime", "appdirs", "asyncssh", "atpublic", "configobj", "dictdiffer",
+    "diskcache", "distro", "dpath", "dulwich", "entrypoints", "flatten-dict", "flufl-lock", "funcy", "grandalf",
+    "gto", "hydra-core", "iterative-telemetry", "omegaconf", "orjson", "platformdirs", "pydantic-settings",
+    "pydot", "pygtrie", "ruamel-yaml", "semver", "shortuuid", "shtab", "sqltrie", "tomlkit", "tzlocal",
+    "voluptuous", "zc-lockfile",
+)
+SOURCE_ONLY = ("antlr4-python3-runtime",)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn",
@@ -117,15 +130,24 @@ def exclude(dest: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiments", nargs="+", default=list(SEEDS), help="default: the six seed experiments")
+    parser.add_argument("--experiments", nargs="+", default=list(SEEDS),
+                        help="default: the six seed experiments; 'all': every experiment whose data is in the mirror "
+                             "folders of --datasets")
+    parser.add_argument("--datasets", nargs="+", help="with --experiments all: the datasets to carry")
     parser.add_argument("--dest", type=Path, default=ROOT / ".gpu")
     parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default %(default)s)")
     parser.add_argument("--mirror", default=os.environ.get("DATA_MIRROR"), help="default: $DATA_MIRROR")
+    parser.add_argument("--dvc", action="store_true", help="also DVC's wheels, for dvc commit there")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.mirror or not Path(args.mirror).is_dir():
         parser.error(f"--mirror/DATA_MIRROR: {args.mirror!r} is not a folder (the offline dataset mirror)")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if args.experiments == ["all"]:
+        if not args.datasets:
+            parser.error("--experiments all needs --datasets")
+        args.experiments = [name for name in params["experiments"]
+                            if set(data_needs(params, [name])[0]) <= set(args.datasets)]
     unknown = [name for name in args.experiments if name not in params["experiments"]]
     if unknown:
         parser.error(f"no experiment {', '.join(unknown)} in params.yaml")
@@ -135,9 +157,16 @@ def main(argv=None) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "whl").mkdir(parents=True)
     platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
+    names = WHEELS + (DVC_WHEELS if args.dvc else ())
+    binary = pinned(tuple(n for n in names if n not in SOURCE_ONLY))
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                     "--python-version", args.python_version, "--implementation", "cp", *platforms,
-                    "-d", str(staging / "whl"), *pinned()], check=True)
+                    "-d", str(staging / "whl"), *binary], check=True)
+    source = pinned(tuple(n for n in names if n in SOURCE_ONLY))
+    if source:  # pure Python: the wheel built here installs there
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(staging / "whl"),
+                        *source], check=True)
+    (staging / "experiments.txt").write_text("\n".join(args.experiments) + "\n")
     for folder in mirror_dirs(params, args.experiments):
         shutil.copytree(Path(args.mirror) / folder, staging / "mirror" / folder)
     kit, tree = size(staging), tree_size()

@@ -55,17 +55,24 @@ def bench_section(bench: dict, costs: dict[str, dict]) -> str:
 
 
 def options_section(options: list[dict], bench: dict | None, costs: dict[str, dict]) -> str:
-    """One row per option run, against ours with no option in ``bench`` (same experiment)."""
+    """One row per option run, against ours with no option: in ``bench``, else
+    the options run that sets none (same experiment)."""
+    def label(result: dict) -> str:
+        flags = [f"XLA_FLAGS={result['xla_flags']}"] if result.get("xla_flags") else []
+        return ", ".join(list(result["ours_overrides"]) + flags) or "none"
+
+    plain_run = next((r for r in options if label(r) == "none"), None)
     lines = ["| experiment | option | batch | epochs | images/s | median epoch | vs no option | device peak | "
              "achieved (estimate) | after the last epoch |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in options:
         for name, r in result["experiments"].items():
             ours = r["ours"]
-            plain = (bench or {}).get("experiments", {}).get(name, {}).get("ours")
+            plain = ((bench or {}).get("experiments", {}).get(name, {}).get("ours")
+                     or (plain_run or {}).get("experiments", {}).get(name, {}).get("ours"))
             versus = f"{ours['images_per_s'] / plain['images_per_s']:.2f}x" if plain else "n/a"
             peak = "n/a" if ours.get("device_peak_mib") is None else f"{ours['device_peak_mib']:,} MiB"
-            lines.append(f"| `{name}` | {', '.join(result['ours_overrides']) or 'none'} | {r['batch_size']} | "
+            lines.append(f"| `{name}` | {label(result)} | {r['batch_size']} | "
                          f"{r['epochs']} | {ours['images_per_s']:,.0f} | {ours['median_epoch_s']:.2f} s | {versus} | "
                          f"{peak} | {achieved(ours['images_per_s'], costs.get(name))} | "
                          f"{validation(ours.get('history'))} |")

@@ -1,14 +1,16 @@
-"""Run experiments' train and evaluate stages on a GPU machine without DVC.
+"""Run experiments' train and evaluate stages side by side on one GPU machine.
 
-For a machine that has a GPU and Keras on JAX but no DVC (the lent GPU
-machine): runs the data stages the chosen experiments need, then ``train``
-and ``evaluate`` of every chosen experiment at once (one process each, the
-GPU shared), with exactly the commands and output paths of ``dvc.yaml``, and
-packs each experiment's outputs into ``OUT/<experiment>.tar.gz``. Back home,
-after ``dvc repro`` of the data stages, unpack them and ``dvc commit
-train@<e> evaluate@<e>``: the data files' md5 sums in ``OUT/summary.json``
-must equal those in ``dvc.lock`` (the data stages are deterministic), or the
-outputs were made from other data and must not be committed.
+``dvc repro`` runs one stage at a time; on a GPU that small models leave
+mostly idle, several at once finish sooner. This runs the data stages the
+chosen experiments need, then ``train`` and ``evaluate`` of every chosen
+experiment at once (one process each, the GPU shared), with exactly the
+commands and output paths of ``dvc.yaml``, so that ``dvc commit`` on the
+same machine afterwards records them in ``dvc.lock`` as if ``dvc repro`` had
+run them (``benchmarks/gpu_session.sh`` does). It packs what the stages wrote,
+less the models and checkpoints, into ``OUT/results.tar.gz`` for bringing
+home. The data files' md5 sums in ``OUT/summary.json`` must equal those in
+``dvc.lock`` at home (the data stages are deterministic), or the outputs
+were made from other data.
 
 It also measures how reproducible training is there: ``--det-runs`` copies
 of ``--det-experiment`` for ``--det-epochs`` epochs, half with XLA's default
@@ -43,12 +45,38 @@ log = logging.getLogger("gpu_runs")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_stage(name: str, target: str, *args: str, params: Path, logs: Path, env: dict, tag: str = "") -> None:
-    """Run ``python -m stages.<name> <target> ...``, its output in ``logs/<name>.<target><tag>.log``."""
+class Deadline:
+    """A wall-clock time after which stages still running are stopped (None: never)."""
+
+    def __init__(self, seconds: float | None):
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+
+NO_DEADLINE = Deadline(None)
+
+
+def run_stage(name: str, target: str, *args: str, params: Path, logs: Path, env: dict, tag: str = "",
+              deadline: Deadline = NO_DEADLINE) -> None:
+    """Run ``python -m stages.<name> <target> ...``, its output in
+    ``logs/<name>.<target><tag>.log``; past the deadline it is stopped with
+    SIGTERM (train keeps its last checkpoint and resumes from it next time)."""
     log_file = logs / f"{name}.{target}{tag}.log"
     cmd = [sys.executable, "-m", f"stages.{name}", target, *args, "--params", str(params)]
     with log_file.open("w") as handle:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = process.wait(timeout=deadline.left())
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise SystemExit(f"gpu_runs: {name}@{target}{tag} stopped at the deadline (log: {log_file})") from None
     if code != 0:
         sys.stderr.write(log_file.read_text()[-6000:])
         raise SystemExit(f"gpu_runs: {name}@{target}{tag} failed with exit code {code} (log: {log_file})")
@@ -97,13 +125,16 @@ def apply_overrides(params: dict, items: list[str], new_keys: bool = False) -> d
     return params
 
 
-def outputs(name: str) -> list[str]:
-    """What dvc.yaml's train@ and evaluate@ stages of ``name`` write."""
-    return [f"models/{name}", f"checkpoints/{name}", f"metrics/{name}.json", f"plots/{name}.json",
-            f"reports/{name}"]
+def small_outputs(name: str) -> list[str]:
+    """What dvc.yaml's train@ and evaluate@ stages of ``name`` write, less the
+    model and its checkpoints (too large to bring back from the GPU machine;
+    dvc.lock, committed there, records their md5)."""
+    return [f"models/{name}/history.json", f"models/{name}/run.json", f"metrics/{name}.json",
+            f"plots/{name}.json", f"reports/{name}"]
 
 
-def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: Path | None = None) -> dict:
+def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: Path | None = None,
+                       deadline: Deadline = NO_DEADLINE) -> dict:
     """train@name then evaluate@name; with ``prefix`` the outputs go under it instead of the project."""
     def path(rel: str) -> str:
         return str(prefix / rel) if prefix else rel
@@ -111,15 +142,15 @@ def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: P
     started = time.perf_counter()
     tag = f".{prefix.name}" if prefix else ""
     run_stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
-              params=params, logs=logs, env=env, tag=tag)
+              params=params, logs=logs, env=env, tag=tag, deadline=deadline)
     trained = time.perf_counter()
     run_stage("evaluate", name, "--model", path(f"models/{name}"), "--metrics", path(f"metrics/{name}.json"),
               "--reports", path(f"reports/{name}"), "--plots", path(f"plots/{name}.json"),
-              params=params, logs=logs, env=env, tag=tag)
+              params=params, logs=logs, env=env, tag=tag, deadline=deadline)
     done = time.perf_counter()
     metrics = json.loads((ROOT / path(f"metrics/{name}.json")).read_text())  # ROOT / absolute = absolute
     return {"train_s": round(trained - started, 1), "evaluate_s": round(done - trained, 1),
-            "test": metrics["test"], "epochs": metrics["epochs"]}
+            "test": metrics["test"], "epochs": metrics["epochs"], "trained": metrics.get("trained", {})}
 
 
 def main() -> int:
@@ -132,9 +163,12 @@ def main() -> int:
     parser.add_argument("--det-epochs", type=int, default=2)
     parser.add_argument("--det-runs", type=int, default=4, help="half default kernels, half deterministic")
     parser.add_argument("--no-pack", action="store_true",
-                        help="leave the outputs in place, no tarballs (times and metrics only)")
+                        help="no results.tar.gz of the outputs (times and metrics only)")
+    parser.add_argument("--deadline-s", type=float, help="stop the stages still running after this many seconds")
     parser.add_argument("--data-only", action="store_true",
                         help="only the data stages the experiments (and the determinism runs) need")
+    parser.add_argument("--no-data", action="store_true",
+                        help="no data stages: an earlier --data-only call made the data (only their md5 is taken)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -164,12 +198,13 @@ def main() -> int:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     datasets, corruptions = data_needs(raw, args.experiments + ([args.det_experiment] if args.det_runs else []))
+    deadline = Deadline(args.deadline_s)
     started = time.perf_counter()
-    for ds in datasets:
+    for ds in [] if args.no_data else datasets:
         run_stage("download", ds, "--out", f"data/raw/{ds}", params=params_file, logs=logs, env=env)
         run_stage("prepare", ds, "--raw", f"data/raw/{ds}", "--out", f"data/prepared/{ds}.npz",
                   params=params_file, logs=logs, env=env)
-    for c in corruptions:
+    for c in [] if args.no_data else corruptions:
         ds = raw["corruptions"][c]["dataset"]
         run_stage("corrupt", c, "--data", f"data/prepared/{ds}.npz", "--out", f"data/corrupted/{c}.npz",
                   params=params_file, logs=logs, env=env)
@@ -195,7 +230,8 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=max(1, len(args.experiments) + args.det_runs)) as pool:
             jobs = {}
             for name in args.experiments:
-                jobs[pool.submit(train_and_evaluate, name, params_file, logs, env)] = ("experiment", name)
+                jobs[pool.submit(train_and_evaluate, name, params_file, logs, env, None, deadline)] = (
+                    "experiment", name)
             for i in range(args.det_runs):
                 deterministic = i >= args.det_runs // 2
                 prefix = work / f"det{i}{'_xla_deterministic' if deterministic else ''}"
@@ -215,10 +251,6 @@ def main() -> int:
                     failed.append(f"{kind} {name}: {exc}".splitlines()[0])
                     log.error("%s %s failed: %s", kind, name, exc)
                     continue
-                if kind == "experiment" and not args.no_pack:
-                    with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
-                        for rel in outputs(name):
-                            tar.add(ROOT / rel, arcname=rel)
                 if kind == "experiment":
                     summary["experiments"][name] = result
                 else:
@@ -229,9 +261,14 @@ def main() -> int:
         if failed:
             summary["failed"] = failed
             raise SystemExit("gpu_runs: " + "; ".join(failed))
-    finally:  # the logs come back also when a run failed
+    finally:  # the logs and what finished come back also when a run failed
         with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
             tar.add(logs, arcname="logs")
+        if not args.no_pack:
+            with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
+                for name in summary["experiments"]:
+                    for rel in small_outputs(name):
+                        tar.add(ROOT / rel, arcname=rel)
         save()
     return 0
 

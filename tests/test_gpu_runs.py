@@ -29,15 +29,26 @@ def _declared(stage: str, key: str, field: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS["experiments"]))
-def test_packs_every_output_that_train_and_evaluate_declare(name):
-    packed = gpu_runs.outputs(name)
+def test_packs_every_output_that_train_and_evaluate_declare_but_the_model(name):
+    packed = gpu_runs.small_outputs(name)
     declared = [path for stage in ("train", "evaluate") for field in ("outs", "metrics", "plots")
                 for path in _declared(stage, name, field)]
     assert declared
+    # the model and its checkpoints stay on the GPU machine, where dvc commit records them
+    left = {f"models/{name}/model.keras", f"checkpoints/{name}"}
     for path in declared:
-        assert any(path == p or path.startswith(p + "/") for p in packed), path
+        assert (path in left) != any(path == p or path.startswith(p + "/") for p in packed), path
     for p in packed:  # and nothing that no stage declares
         assert any(path == p or path.startswith(p + "/") for path in declared), p
+
+
+def test_a_stage_past_the_deadline_is_stopped(tmp_path):
+    deadline = gpu_runs.Deadline(0.5)
+    assert 0 < deadline.left() <= 0.5 and gpu_runs.NO_DEADLINE.left() is None
+    with pytest.raises(SystemExit, match="stopped at the deadline"):
+        # any stage: a deadline already passed stops it before it ends
+        gpu_runs.run_stage("progress", "x", params=tmp_path / "p.yaml", logs=tmp_path, env={
+            "PATH": "/usr/bin:/bin", "PYTHONSTARTUP": ""}, deadline=gpu_runs.Deadline(0.0))
 
 
 def test_prepares_the_datasets_and_corruptions_an_experiment_reads():
