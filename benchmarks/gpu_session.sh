@@ -6,6 +6,8 @@
 #
 # Parts, in the order given (each writes its results as soon as it ends, so a
 # call stopped at its time limit still returns what finished):
+#   restore  on a warm machine, what the last call's commit part left (dvc.lock and
+#            the small outputs: the tree sent with each call has the old ones)
 #   data     download, prepare and corrupt what the kit's experiments read
 #            (from the carried mirror); needed once per machine before the rest
 #   fast     cifar10_fast alone on the GPU (train + evaluate), if the kit has it:
@@ -52,8 +54,18 @@ export PYTHONPATH="$SITE:$PWD" KERAS_BACKEND=jax DATA_MIRROR="$KIT/mirror" PYTHO
 export MLFLOW_TRACKING_URI="sqlite:///$PWD/mlflow.db"
 EXPERIMENTS=$(cat "$KIT/experiments.txt")
 FAST=cifar10_fast
-# EXTRA_RUNS: experiments of an earlier call's kit to finish here (a warm machine keeps their data and checkpoints)
+# EXTRA_RUNS: experiments of an earlier call's kit to finish here (a warm machine keeps their data and
+# checkpoints); "auto": those with a checkpoint and no model
+finished() { python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1])).get('experiments', {})))" "$1"; }
+if [ "${EXTRA_RUNS:-}" = auto ]; then
+    earlier=" $(for f in /tmp/gpu_fast/summary.json /tmp/gpu_runs/summary.json; do [ -f $f ] && finished $f; done | tr "\n" " ") "
+    EXTRA_RUNS=$(for state in checkpoints/*/state.json; do
+        name=$(basename "$(dirname "$state")"); [ -f "$state" ] && [[ "$earlier" != *" $name "* ]] && echo "$name"
+    done)
+    echo "gpu_session: finishing here what an earlier call left: ${EXTRA_RUNS:-none}"
+fi
 OTHERS="$(echo "$EXPERIMENTS" | grep -vx "$FAST") ${EXTRA_RUNS:-}"
+STATE=/tmp/gpu_session_state.tar.gz  # what an earlier call on this machine committed (the tree is sent anew each call)
 if [ "${GPU_SESSION_REHEARSAL:-0}" = 1 ]; then
     FRACTION=0.05 EPOCHS=2 RUN_SET=(--set limits.max_epochs=1 --set limits.max_samples=${REHEARSAL_SAMPLES:-2000})
 else
@@ -61,7 +73,6 @@ else
 fi
 export PATH="$SITE/bin:$PATH"
 dvc() { python3 -m dvc "$@"; }
-finished() { python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1])).get('experiments', {})))" "$1"; }
 
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 stamp "start: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
@@ -74,6 +85,9 @@ for part in "$@"; do
     started=$SECONDS
     failed=0
     case $part in
+    restore)
+        if [ -f "$STATE" ]; then tar xzf "$STATE" && echo "restored the earlier call's dvc.lock and outputs"
+        else echo "gpu_session: nothing to restore (a new machine)"; fi ;;
     data)
         python3 benchmarks/gpu_runs.py --data-only --det-runs 0 --out /tmp/gpu_data "${RUN_SET[@]}" $EXPERIMENTS \
             && cp /tmp/gpu_data/summary.json "$OUT/data.json" ;;
@@ -107,6 +121,7 @@ print(' '.join([f'{s}@{d}' for d in datasets for s in ('download', 'prepare')] +
         { echo "committed: ${stages[*]}"; echo "dvc status of those stages:"; dvc status "${stages[@]}"
           echo "dvc status of the whole pipeline:"; dvc status; } > "$OUT/dvc_status.txt" 2>&1 || failed=1
         cp dvc.lock "$OUT/dvc.lock"
+        tar czf "$STATE" dvc.lock metrics plots reports models/*/run.json models/*/history.json 2>/dev/null
         [ $failed = 0 ] ;;
     report)
         missing=$(for name in $(python3 -c "import yaml; print(' '.join(yaml.safe_load(open('params.yaml'))['experiments']))"); do
@@ -151,7 +166,7 @@ PY
         done
         tar czf "$OUT/options.tar.gz" -C /tmp gpu_options && [ $failed = 0 ] ;;
     *)
-        echo "gpu_session: unknown part '$part' (data, fast, runs, commit, report, cost, bench, options)"; exit 2 ;;
+        echo "gpu_session: unknown part '$part' (restore, data, fast, runs, commit, report, cost, bench, options)"; exit 2 ;;
     esac
     code=$?
     [ $code -ne 0 ] && status=1
