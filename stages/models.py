@@ -20,6 +20,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from stages.recipes import RandomShift
+
 
 @dataclass(frozen=True)
 class AutoencoderSpec:
@@ -168,9 +170,10 @@ class ResNetSpec:
     """A ResNet-9-style classifier: stem conv, stages of conv-BN-ReLU (+ max
     pooling, + residual blocks), global max pooling, one dense layer whose
     logits are multiplied by ``logit_scale`` before the softmax. ``augment``
-    adds random horizontal flips and translations by up to ``translate`` of
-    the side (zero-filled, like a padded random crop) in front of the network,
-    active only in training, so they run on the accelerator.
+    adds random horizontal flips and shifts by up to ``translate`` of the side,
+    rounded to whole pixels (zero-filled: a padded random crop, see
+    :class:`RandomShift`), in front of the network, active only in training,
+    so they run on the accelerator inside the compiled step.
 
     ``bn_momentum`` (both improved kinds): the batch-norm layers' moving
     statistics keep this much of their value at each step. Keras' 0.99
@@ -298,8 +301,7 @@ def build_resnet(spec: ResNetSpec, image_shape: tuple[int, int, int], name: str 
     if spec.flip:
         x = layers.RandomFlip("horizontal", name="augment_flip")(x)
     if spec.translate:
-        x = layers.RandomTranslation(spec.translate, spec.translate, fill_mode="constant",
-                                     name="augment_translate")(x)
+        x = RandomShift(round(spec.translate * min(image_shape[:2])), name="augment_translate")(x)
     x = _conv_bn(x, spec.stem, "stem", spec.bn_momentum)
     for i, stage in enumerate(spec.stages):
         x = _conv_bn(x, stage.filters, f"stage{i}", spec.bn_momentum)

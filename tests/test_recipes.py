@@ -91,3 +91,45 @@ def test_negative_psnr_weighs_every_image_alike_where_mse_favours_the_worst():
         moves[name] = grads
     assert moves["mse"] == pytest.approx([2e-4, 2e-2], rel=1e-2)  # d/dw (w x)^2 = 2 x^2
     assert moves["psnr"] == pytest.approx([20 / np.log(10)] * 2, rel=1e-2)  # d/dw 10 log10((w x)^2) = 20 / (w ln 10)
+
+
+def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``image`` moved down ``dy`` and right ``dx`` pixels, the uncovered border zero."""
+    out = np.zeros_like(image)
+    h, w = image.shape[:2]
+    src = image[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    out[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return out
+
+
+def test_random_shift_moves_each_image_by_whole_pixels_only_in_training():
+    from stages.recipes import RandomShift
+
+    layer = RandomShift(3, seed=4)
+    images = np.random.default_rng(0).random((40, 12, 10, 3)).astype("float32")
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+    out = np.asarray(layer(images, training=True))
+    shifts = set()
+    for image, moved in zip(images, out):
+        found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4) if np.array_equal(_shifted(image, dy, dx), moved)]
+        assert found, "not a whole-pixel shift of its image"
+        shifts.add(found[0])
+    assert len(shifts) > 10  # each image its own shift
+
+
+def test_random_shift_keeps_the_train_step_compiled_and_survives_saving(tmp_path):
+    from keras.src.trainers.trainer import model_supports_jit
+
+    from stages.recipes import RandomShift
+
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(RandomShift(2, name="shift")(inputs))))
+    assert model_supports_jit(model)  # keras' RandomTranslation here would make the whole step run op by op
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("shift").max_shift == 2
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        assert RandomShift(1).compute_dtype == "float32"  # pixels move exactly under bf16 too
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
