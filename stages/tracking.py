@@ -86,8 +86,9 @@ def params_hash(tree: dict) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# the commit a copy of the source tree came from, where it has no .git to ask
-# (the tree copied to a GPU machine): set by whoever made the copy
+# the commit a copy of the source tree came from, set by whoever made the copy
+# (benchmarks/gpu_session.sh): such a copy has no .git to ask, or an older one
+# (one GPU machine's copy answered with the commit its session started from)
 SOURCE_COMMIT = "IMAGEPIPE_SOURCE_COMMIT"
 
 
@@ -99,9 +100,9 @@ def git_state(root: Path = Path(".")) -> dict[str, str]:
             return None
         return result.stdout.strip() if result.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None and os.environ.get(SOURCE_COMMIT):  # a copy of the tree without .git (a GPU machine)
+    if os.environ.get(SOURCE_COMMIT):  # a copy of the tree whose own .git, if any, is not the source's
         return {"git_commit": os.environ[SOURCE_COMMIT], "git_dirty": "unknown"}
+    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status))}
 

@@ -127,3 +127,32 @@ def test_stages_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):
     failed = [err[-800:] for _, err, code in results if code != 0]
     assert not failed, failed
     assert len({out.strip() for out, _, _ in results}) == 1  # the same two experiments for all
+
+
+def test_a_copied_tree_names_its_source_commit_over_any_git_it_holds(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.delenv(tracking.SOURCE_COMMIT, raising=False)
+    assert tracking.git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}  # no .git at all
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "old"], check=True)
+    old = tracking.git_state(tmp_path)["git_commit"]
+    assert len(old) == 40
+    monkeypatch.setenv(tracking.SOURCE_COMMIT, "0123abcd")
+    assert tracking.git_state(tmp_path) == {"git_commit": "0123abcd", "git_dirty": "unknown"}
+
+
+def test_run_ref_keeps_how_the_model_was_trained(tmp_path):
+    trained = {"epochs": 3, "seconds": 12.5, "accelerator": "none", "keras_backend": "tensorflow"}
+    tracking.save_run_ref(tmp_path / "run.json", "r1", "7", trained)
+    assert tracking.load_run_ref(tmp_path / "run.json")["trained"] == trained
+    tracking.save_run_ref(tmp_path / "plain.json", "r1", "7")
+    assert "trained" not in tracking.load_run_ref(tmp_path / "plain.json")
+
+
+def test_environment_names_the_machine_backend_and_versions():
+    env = tracking.environment()
+    assert env["cpu"] and env["cpu"] != "unknown"
+    assert env["accelerator"]  # "none" without one
+    assert env["keras_backend"] in env and env["numpy"]
