@@ -153,6 +153,8 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
         plots.loss_curves(history, staging / "curves.png")
         summary = {"experiment": name, "task": exp.task, "dataset": exp.data.input, "dataset_source": data.source,
                    "epochs": epochs, "test": results}
+        if "ssim" in results:
+            summary["conventions"] = {"ssim": metrics.SSIM_CONVENTION}
         if "trained" in ref:  # where, with what and how long the model was trained (train's run.json)
             summary["trained"] = ref["trained"]
         records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]

@@ -39,6 +39,9 @@ SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5, scipy's rule: an 11x11 window, as in Wang et al.
 SSIM_WINDOW = 2 * SSIM_RADIUS + 1
+# what evaluate writes beside its SSIM figures: metrics files without it come
+# from the older convention (the whole map, the window reflected at the edges)
+SSIM_CONVENTION = "wang2004-valid"
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 

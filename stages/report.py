@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages import atomic, cli, params as params_mod, tracking
+from stages import atomic, cli, metrics, params as params_mod, tracking
 from stages.errors import PipelineError
 
 log = logging.getLogger("stages.report")
@@ -59,6 +59,7 @@ class Row:
     test: dict
     improves_on: str | None = None
     trained: dict = field(default_factory=dict)  # where and how long: evaluate's copy of train's record
+    conventions: dict = field(default_factory=dict)  # the metrics' conventions, as evaluate recorded them
     vs_seed: float | None = None  # PSNR dB or accuracy points over the improves_on experiment
     best: bool = False
     images: dict[str, Path] = field(default_factory=dict)
@@ -79,7 +80,7 @@ def build_rows(experiments: dict, metrics: dict[str, dict]) -> list[Row]:
                         dataset=exp.data.target if exp.data.input == exp.data.target
                         else f"{exp.data.input} -> {exp.data.target}", source=summary.get("dataset_source", ""),
                         epochs=int(summary["epochs"]), test=summary["test"], improves_on=exp.improves_on,
-                        trained=summary.get("trained", {})))
+                        trained=summary.get("trained", {}), conventions=summary.get("conventions", {})))
 
     def score(row: Row) -> float:
         return row.test.get("psnr" if row.task == "autoencoder" else "accuracy", float("-inf"))
@@ -166,13 +167,20 @@ def trained_on(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _ssim(row: Row, key: str) -> str:
+    """An SSIM figure, marked "(old)" when its metrics file predates the valid-region convention."""
+    value = _num(row.test.get(key), 3)
+    old = value and row.conventions.get("ssim") != metrics.SSIM_CONVENTION
+    return f"{value} (old)" if old else value
+
+
 def _ae_cells(row: Row) -> list[str]:
     t = row.test
     gain = _gain(row)
     return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row), str(int(t.get("latent_size", 0))),
             _num(t.get("psnr")), _num(t.get("psnr_pooled")), _num(t.get("pca_baseline_psnr")),
-            "" if gain is None else f"{gain:+.2f}", _vs_seed(row), _num(t.get("psnr_input")), _num(t.get("ssim"), 3),
-            _num(t.get("ssim_input"), 3), _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"),
+            "" if gain is None else f"{gain:+.2f}", _vs_seed(row), _num(t.get("psnr_input")), _ssim(row, "ssim"),
+            _ssim(row, "ssim_input"), _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"),
             row.seed_figure or ""]
 
 
@@ -196,7 +204,8 @@ def render_markdown(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str
              "\"Input\": the corrupted (noisy or grey) input scored as if it were the output. "
              "SSIM: Wang et al. (2004), an 11x11 Gaussian window (sigma 1.5) averaged over the valid region "
              "only, as scikit-image's structural_similarity with gaussian_weights, sigma 1.5, population "
-             "covariances and data_range 1 (metrics written before 2026-12-04 averaged the whole map). "
+             "covariances and data_range 1; \"(old)\": from a metrics file written before that convention, which "
+             "averaged the whole map with the window reflected at the edges (not comparable). "
              "**Bold**: the best of several models for the same data (input and target). \"train s\": "
              "the train stage's seconds, compile and checkpoints included.", ""]
     lines += ["Trained on:", ""] + [f"- {line}" for line in trained_on(rows)] + [""]
@@ -261,8 +270,9 @@ def render_html(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str:
              "(points) minus the seed experiment's it improves on. Input: the corrupted (noisy or grey) input "
              "scored as if it were the output. SSIM: Wang et al. (2004), an 11x11 Gaussian window (sigma 1.5) "
              "averaged over the valid region only, as scikit-image's structural_similarity with gaussian_weights, "
-             "sigma 1.5, population covariances and data_range 1 (metrics written before 2026-12-04 averaged the "
-             "whole map). Green rows: the best of several models for the same data "
+             "sigma 1.5, population covariances and data_range 1; (old): from a metrics file written before that "
+             "convention, which averaged the whole map with the window reflected at the edges (not comparable). "
+             "Green rows: the best of several models for the same data "
              "(input and target). train s: the train stage's seconds, compile and checkpoints included.</p>",
              "<p>Trained on:</p><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in trained_on(rows))
              + "</ul>"]

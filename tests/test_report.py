@@ -72,7 +72,7 @@ def test_markdown_table_shows_gain_over_pca_seed_figure_and_noisy_input():
     ae_line = next(line for line in text.splitlines() if "**dae**" in line)
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", ae_line)[1:-1]]
     assert cells[0] == "**dae**"
-    assert cells[5:12] == ["23.50", "23.00", "21.25", "+2.25", "", "9.40", "0.900"]
+    assert cells[5:12] == ["23.50", "23.00", "21.25", "+2.25", "", "9.40", "0.900 (old)"]  # no convention recorded
     assert cells[-1] == "val_loss 0.1 \\| 10 epochs"  # a '|' in a figure does not break the table
     assert "| **cnn** | prepared/digits (mnist) | 2 |  | 98.76% |  | 49.4% |  | 0.3000 |" in text
 
@@ -249,3 +249,14 @@ def test_rows_say_where_and_how_long_they_trained():
     two = build_rows(_params(a=_ae(), b=_clf()).experiments, {"a": metrics["a"], "b": metrics["b"]})
     assert "commit 0123456789: all 2 experiments" in render_markdown(two)
     assert "<li>NVIDIA H200, Keras on jax" in render_html(one)
+
+
+def test_ssim_from_before_the_valid_region_convention_is_marked_old():
+    from stages import metrics as metrics_mod
+
+    params = _params(new=_ae(), old=_ae())
+    found = {"new": {**_ae_metrics(23.0), "conventions": {"ssim": metrics_mod.SSIM_CONVENTION}},
+             "old": _ae_metrics(22.0)}
+    text = render_markdown(build_rows(params.experiments, found))
+    line = {name: next(l for l in text.splitlines() if f"| {name} |" in l or f"**{name}**" in l) for name in found}
+    assert "0.900 (old)" in line["old"] and "(old)" not in line["new"] and "0.900" in line["new"]
