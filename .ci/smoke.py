@@ -85,7 +85,8 @@ SLOW_ON_CPU = ("cifar10_cae_4pool_plus",   # 25
                "fashion_mnist_cae_plus",   # 133
                "mnist_cae_plus",           # 128
                "colored_mnist_cnn_plus",   # 100
-               "fashion_mnist_cnn_plus")   # 50
+               "fashion_mnist_cnn_plus",   # 50
+               "cifar10_fast")             # cifar10_cnn_plus's network, for a GPU
 # not slow, but three stages (its corruption, train, evaluate) for a model the
 # smoke already trains as colored_mnist_cnn; the tests cover its one-colour
 # corruption and per-colour accuracy, the README has its full run
