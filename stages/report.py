@@ -116,8 +116,8 @@ def _gain(row: Row) -> float | None:
 AE_COLUMNS = ("experiment", "dataset", "epochs", "train s", "latent", "PSNR dB", "PSNR pooled", "PCA same latent",
               "vs PCA", "vs seed", "input (noisy, grey)", "SSIM", "SSIM input", "Keras \"accuracy\"",
               "seed's figure")
-CLF_COLUMNS = ("experiment", "dataset", "epochs", "train s", "accuracy", "vs seed", "worst class", "R / G / B digits", "loss",
-               "seed's figure")
+CLF_COLUMNS = ("experiment", "dataset", "epochs", "train s", "accuracy", "vs seed", "worst class", "R / G / B digits",
+               "loss", "seed's figure")
 
 
 def _seed_gain(row: Row) -> float | None:
@@ -177,7 +177,8 @@ def _ssim(row: Row, key: str) -> str:
 def _ae_cells(row: Row) -> list[str]:
     t = row.test
     gain = _gain(row)
-    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row), str(int(t.get("latent_size", 0))),
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row),
+            str(int(t.get("latent_size", 0))),
             _num(t.get("psnr")), _num(t.get("psnr_pooled")), _num(t.get("pca_baseline_psnr")),
             "" if gain is None else f"{gain:+.2f}", _vs_seed(row), _num(t.get("psnr_input")), _ssim(row, "ssim"),
             _ssim(row, "ssim_input"), _num(100 * t["keras_accuracy"] if "keras_accuracy" in t else None, 1, "%"),
@@ -186,7 +187,8 @@ def _ae_cells(row: Row) -> list[str]:
 
 def _clf_cells(row: Row) -> list[str]:
     t = row.test
-    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row), _num(100 * t["accuracy"], 2, "%"),
+    return [row.name, f"{row.dataset} ({row.source})", str(row.epochs), _train_s(row),
+            _num(100 * t["accuracy"], 2, "%"),
             _vs_seed(row), _num(100 * t["min_class_accuracy"], 1, "%"), _colours(t), _num(t.get("loss"), 4),
             row.seed_figure or ""]
 

@@ -498,6 +498,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
             example = to_unit_float(train_arrays.x[:4])  # before fit, which releases the images
             fit_started = time.perf_counter()
             fit(name, exp, train_arrays, val_arrays, model, state["epoch"], epochs, history, on_epoch, placement)
+            fit_s = time.perf_counter() - fit_started
             try:
                 metrics_log.flush(history, epochs, required=True)
                 checkpoint.update(logged=metrics_log.logged)
@@ -508,13 +509,13 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
                     f"train {name}: the {epochs} epochs are trained and saved in {checkpoints}, but the MLflow "
                     f"store {tracking.tracking_label()} failed ({tracking.describe_failure(exc)}); run the stage "
                     "again when it answers: it logs the run without training again") from None
-            fit_s = time.perf_counter() - fit_started
             with atomic.replacing(out, directory=True) as folder:
                 checkpoint.export(folder / "model.keras")  # the model as trained: the last epoch is checkpointed
                 (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
                 # this process's share when it resumed a killed run (resumed_at_epoch > 0)
-                trained = {"epochs": epochs, "resumed_at_epoch": start, "seconds": round(time.perf_counter() - started, 1),
-                           "fit_seconds": round(fit_s, 1), **tracking.environment(), **tracking.git_state()}
+                trained = {"epochs": epochs, "resumed_at_epoch": start,
+                           "seconds": round(time.perf_counter() - started, 1), "fit_seconds": round(fit_s, 1),
+                           **tracking.environment(), **tracking.git_state()}
                 tracking.save_run_ref(folder / "run.json", run_id, experiment_id, trained)
             mlflow.end_run()
             checkpoint.update(complete=True)
