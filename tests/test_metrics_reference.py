@@ -9,12 +9,11 @@ or another tool.
 
 import numpy as np
 import pytest
+import skimage.metrics as skimage_metrics  # the dev extra installs both: a missing one fails, never skips
+import sklearn.decomposition as sklearn_decomposition
+import sklearn.metrics as sklearn_metrics
 
-skimage_metrics = pytest.importorskip("skimage.metrics")
-sklearn_decomposition = pytest.importorskip("sklearn.decomposition")
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
-from stages import metrics  # noqa: E402
+from stages import metrics
 
 SHAPES = [(6, 28, 28, 1), (6, 32, 32, 1), (6, 28, 28, 3), (6, 32, 32, 3)]
 
