@@ -317,7 +317,9 @@ def main() -> int:
         problems = check(work, args.max_epochs, server)
         params = yaml.safe_load((work / "params.yaml").read_text())
         problems += check_ui(server, work, params["experiments"], args.screenshots and args.screenshots.resolve())
-        kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))}
+        # this run's metrics only: the skipped experiments' files in the copy are the repository's own
+        kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))
+                        if path.stem in params["experiments"]}
         if compare:
             regression = params.get("report", {}).get("regression", {})
             diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=work, env=env).stdout or "{}")
