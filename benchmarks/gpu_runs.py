@@ -133,6 +133,20 @@ def small_outputs(name: str) -> list[str]:
             f"plots/{name}.json", f"reports/{name}"]
 
 
+def trained_here(model_dir: Path, checkpoints: Path) -> bool:
+    """Whether train finished here for this source commit (an earlier call on
+    the same machine, stopped in evaluate): its model is written, its
+    checkpoint complete and its run.json names ``IMAGEPIPE_SOURCE_COMMIT``."""
+    commit = os.environ.get("IMAGEPIPE_SOURCE_COMMIT")
+    try:
+        state = json.loads((checkpoints / "state.json").read_text())
+        ref = json.loads((model_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (bool(commit) and (model_dir / "model.keras").is_file() and bool(state.get("complete"))
+            and ref.get("trained", {}).get("git_commit") == commit)
+
+
 def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: Path | None = None,
                        deadline: Deadline = NO_DEADLINE) -> dict:
     """train@name then evaluate@name; with ``prefix`` the outputs go under it instead of the project."""
@@ -141,8 +155,11 @@ def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: P
 
     started = time.perf_counter()
     tag = f".{prefix.name}" if prefix else ""
-    run_stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
-              params=params, logs=logs, env=env, tag=tag, deadline=deadline)
+    if trained_here(ROOT / path(f"models/{name}"), ROOT / path(f"checkpoints/{name}")):
+        log.info("train@%s: trained by an earlier call at this commit; evaluate only", name)
+    else:
+        run_stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
+                  params=params, logs=logs, env=env, tag=tag, deadline=deadline)
     trained = time.perf_counter()
     run_stage("evaluate", name, "--model", path(f"models/{name}"), "--metrics", path(f"metrics/{name}.json"),
               "--reports", path(f"reports/{name}"), "--plots", path(f"plots/{name}.json"),

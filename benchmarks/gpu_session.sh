@@ -156,13 +156,14 @@ print(' '.join([f'{s}@{d}' for d in datasets for s in ('download', 'prepare')] +
             XLA_FLAGS=$flags python3 benchmarks/bench_train.py --ours-only --train-only --experiments mnist_cae \
                 --fraction "$FRACTION" --epochs "$EPOCHS" "${sets[@]}" --out "/tmp/gpu_options/option$i.json" \
                 || failed=1
-            [ -n "$flags" ] && python3 - "/tmp/gpu_options/option$i.json" "$flags" <<'PY' || failed=1
+            if [ -n "$flags" ]; then python3 - "/tmp/gpu_options/option$i.json" "$flags" <<'PY' || failed=1
 import json, sys
 path, flags = sys.argv[1:]
 result = json.load(open(path))
 result["xla_flags"] = flags  # the option is an environment variable, not a param: say so in the result
 json.dump(result, open(path, "w"), indent=2)
 PY
+            fi
         done
         tar czf "$OUT/options.tar.gz" -C /tmp gpu_options && [ $failed = 0 ] ;;
     *)

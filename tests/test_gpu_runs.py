@@ -68,3 +68,22 @@ def test_overrides_set_existing_params_and_refuse_unknown_keys():
         gpu_runs.apply_overrides(params, ["limitz.max_epochs=1"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         gpu_runs.apply_overrides(params, ["limits.max_epochs"])
+
+
+def test_a_model_trained_here_at_this_commit_is_only_evaluated(tmp_path, monkeypatch):
+    import json
+
+    models, checkpoints = tmp_path / "models", tmp_path / "checkpoints"
+    models.mkdir(), checkpoints.mkdir()
+    (models / "model.keras").write_bytes(b"zip")
+    (checkpoints / "state.json").write_text(json.dumps({"complete": True}))
+    (models / "run.json").write_text(json.dumps({"run_id": "r", "trained": {"git_commit": "abc"}}))
+    monkeypatch.setenv("IMAGEPIPE_SOURCE_COMMIT", "abc")
+    assert gpu_runs.trained_here(models, checkpoints)
+    monkeypatch.setenv("IMAGEPIPE_SOURCE_COMMIT", "def")  # another commit: train again
+    assert not gpu_runs.trained_here(models, checkpoints)
+    monkeypatch.delenv("IMAGEPIPE_SOURCE_COMMIT")  # no commit named: never trust what is there
+    assert not gpu_runs.trained_here(models, checkpoints)
+    monkeypatch.setenv("IMAGEPIPE_SOURCE_COMMIT", "abc")
+    (checkpoints / "state.json").write_text(json.dumps({"complete": False, "epoch": 3}))  # killed mid-training
+    assert not gpu_runs.trained_here(models, checkpoints)
