@@ -115,6 +115,49 @@ def seeds_section(seeds: dict) -> str:
     return "\n".join(lines)
 
 
+SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn", "colored_mnist_cnn")
+FAST = "cifar10_fast"
+FAST_ACCURACY, FAST_TRAIN_S = 0.93, 60  # on the JPEG copy of CIFAR-10; the train stage, compile included
+
+
+def runs_section(runs: dict, fast: dict | None) -> str:
+    """Every experiment of the ``fast`` and ``runs`` parts with its times and
+    test figures, then the two targets they measure: ``cifar10_fast`` (alone
+    on the GPU) and the six seed experiments (side by side with the rest)."""
+    experiments = {**runs.get("experiments", {}), **(fast or {}).get("experiments", {})}
+    lines = ["| experiment | epochs | train stage | of which fit | evaluate stage | ended after | test |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sorted(experiments.items()):
+        fit = r.get("trained", {}).get("fit_seconds")
+        train = "an earlier call" if r["train_s"] is None else f"{r['train_s']:.0f} s"
+        lines.append(f"| `{name}` | {r['epochs']} | {train} | "
+                     f"{'n/a' if fit is None else f'{fit:.0f} s'} | {r['evaluate_s']:.0f} s | "
+                     f"{r.get('ended_s', 0):.0f} s | {headline(r['test'])} |")
+    notes = []
+    if runs.get("failed"):
+        notes.append("Not finished in this call: " + "; ".join(runs["failed"]) + ".")
+    overrides = runs.get("overrides") or (fast or {}).get("overrides")
+    if overrides:
+        notes.append(f"With overrides {', '.join(overrides)}: not the experiments' settings, no verdicts.")
+    elif FAST in experiments:
+        r = experiments[FAST]
+        met = r["test"]["accuracy"] >= FAST_ACCURACY and (r["train_s"] or float("inf")) <= FAST_TRAIN_S
+        notes.append(f"`{FAST}` alone on the GPU: test accuracy {r['test']['accuracy']:.2%} (target "
+                     f"{FAST_ACCURACY:.0%} on the JPEG copy), train stage {r['train_s'] or float('nan'):.0f} s (target "
+                     f"{FAST_TRAIN_S} s): {'met' if met else 'not met'}.")
+    seeds = [experiments[name] for name in SEEDS if name in experiments]
+    if len(seeds) == len(SEEDS) and not overrides:
+        last = max(r.get("ended_s", 0) for r in seeds)
+        total = runs.get("data_s", 0) + last
+        notes.append(f"The six seed experiments, side by side with the others: the last ended {last:.0f} s after "
+                     f"they began, {total:.0f} s with the data stages, against the {SEED_TARGET_S} s target "
+                     f"({'met' if total < SEED_TARGET_S else 'not met'}).")
+    elif not overrides:
+        notes.append(f"Seed experiments finished in this call: {len(seeds)} of {len(SEEDS)}; no verdict on the "
+                     f"{SEED_TARGET_S} s target.")
+    return "\n".join(lines + [""] + notes)
+
+
 def read_options(archive: Path) -> list[dict]:
     with tarfile.open(archive) as tar:
         members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")),
@@ -127,7 +170,7 @@ def report(out: Path) -> str:
         path = out / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    bench, seeds = load("bench.json"), load("seeds.json")
+    bench, seeds, runs, fast = load("bench.json"), load("seeds.json"), load("runs.json"), load("fast.json")
     costs = {c["experiment"]: c for c in (load("cost.json") or [])}
     options = read_options(out / "options.tar.gz") if (out / "options.tar.gz").is_file() else []
     machine = (bench or (options[0] if options else {})).get("machine")
@@ -136,6 +179,9 @@ def report(out: Path) -> str:
         sections += ["## Ours against the seed's script", bench_section(bench, costs)]
     if options:
         sections += ["## Options", options_section(options, bench, costs)]
+    if runs or fast:
+        gpu = (runs or fast).get("gpu", "no GPU")
+        sections += [f"## Every experiment at its settings ({gpu})", runs_section(runs or {}, fast)]
     if seeds:
         sections += [f"## Seed experiments at seed settings ({seeds.get('gpu', 'no GPU')})", seeds_section(seeds)]
     if costs:

@@ -155,7 +155,8 @@ def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: P
 
     started = time.perf_counter()
     tag = f".{prefix.name}" if prefix else ""
-    if trained_here(ROOT / path(f"models/{name}"), ROOT / path(f"checkpoints/{name}")):
+    earlier = trained_here(ROOT / path(f"models/{name}"), ROOT / path(f"checkpoints/{name}"))
+    if earlier:
         log.info("train@%s: trained by an earlier call at this commit; evaluate only", name)
     else:
         run_stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
@@ -166,7 +167,7 @@ def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: P
               params=params, logs=logs, env=env, tag=tag, deadline=deadline)
     done = time.perf_counter()
     metrics = json.loads((ROOT / path(f"metrics/{name}.json")).read_text())  # ROOT / absolute = absolute
-    return {"train_s": round(trained - started, 1), "evaluate_s": round(done - trained, 1),
+    return {"train_s": None if earlier else round(trained - started, 1), "evaluate_s": round(done - trained, 1),
             "test": metrics["test"], "epochs": metrics["epochs"], "trained": metrics.get("trained", {})}
 
 
@@ -268,6 +269,7 @@ def main() -> int:
                     failed.append(f"{kind} {name}: {exc}".splitlines()[0])
                     log.error("%s %s failed: %s", kind, name, exc)
                     continue
+                result["ended_s"] = round(time.perf_counter() - wall, 1)  # after the runs began: side by side
                 if kind == "experiment":
                     summary["experiments"][name] = result
                 else:

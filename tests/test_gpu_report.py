@@ -77,3 +77,26 @@ def test_a_session_folder_becomes_one_report(tmp_path):
     assert "| `mnist_cae` | 0.40 TFLOP/s, 200 GB/s | 0.32 TFLOP/s, 160 GB/s | 0.30 / 0.40 s | 0.02 / 0.03 s |" in text
     assert "training.mixed_precision=true | 256 | 3 | 120,000 | 0.58 s | 1.20x" in text
     assert "## Seed experiments" not in text  # that part did not run
+
+
+def _run(accuracy=None, psnr=None, train_s=30.0, ended_s=100.0):
+    test = {"accuracy": accuracy} if accuracy is not None else {"psnr": psnr}
+    return {"epochs": 5, "train_s": train_s, "evaluate_s": 9.0, "ended_s": ended_s, "test": test,
+            "trained": {"fit_seconds": 20.0}}
+
+
+def test_every_experiment_is_listed_and_the_two_targets_judged():
+    seeds = {name: _run(psnr=20.0, ended_s=150.0 + i) for i, name in enumerate(gpu_report.SEEDS)}
+    runs = {"data_s": 17.0, "overrides": [], "experiments": {**seeds, "mnist_cae_plus": _run(psnr=40.0, train_s=None)}}
+    fast = {"overrides": [], "experiments": {"cifar10_fast": _run(accuracy=0.9312, train_s=55.0)}}
+    text = gpu_report.runs_section(runs, fast)
+    assert "| `mnist_cae_plus` | 5 | an earlier call | 20 s | 9 s | 100 s | PSNR 40.00 dB |" in text
+    assert "test accuracy 93.12% (target 93% on the JPEG copy), train stage 55 s (target 60 s): met" in text
+    assert "the last ended 155 s after they began, 172 s with the data stages, against the 300 s target (met)" in text
+    slow = {"overrides": [], "experiments": {"cifar10_fast": _run(accuracy=0.95, train_s=61.0)}}
+    assert "train stage 61 s (target 60 s): not met" in gpu_report.runs_section(runs, slow)
+    partial = {**runs, "experiments": {"mnist_cae": seeds["mnist_cae"]}, "failed": ["experiment x: stopped"]}
+    text = gpu_report.runs_section(partial, None)
+    assert "Seed experiments finished in this call: 1 of 6" in text and "Not finished in this call: experiment x" in text
+    rehearsal = gpu_report.runs_section({**runs, "overrides": ["limits.max_epochs=1"]}, fast)
+    assert "no verdicts" in rehearsal and "met" not in rehearsal.split("no verdicts")[1]
