@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from gpu_runs import data_needs  # noqa: E402
+from gpu_runs import SEEDS, data_needs  # noqa: E402
 
 log = logging.getLogger("gpu_kit")
 
@@ -72,8 +72,6 @@ DVC_WHEELS = (
 SOURCE_ONLY = ("antlr4-python3-runtime",)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
-SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn",
-         "colored_mnist_cnn")
 
 
 def pinned(names=WHEELS) -> list[str]:

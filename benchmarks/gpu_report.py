@@ -115,7 +115,6 @@ def seeds_section(seeds: dict) -> str:
     return "\n".join(lines)
 
 
-SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn", "colored_mnist_cnn")
 FAST = "cifar10_fast"
 FAST_ACCURACY, FAST_TRAIN_S = 0.93, 60  # on the JPEG copy of CIFAR-10; the train stage, compile included
 
@@ -145,6 +144,8 @@ def runs_section(runs: dict, fast: dict | None) -> str:
         notes.append(f"`{FAST}` alone on the GPU: test accuracy {r['test']['accuracy']:.2%} (target "
                      f"{FAST_ACCURACY:.0%} on the JPEG copy), train stage {r['train_s'] or float('nan'):.0f} s (target "
                      f"{FAST_TRAIN_S} s): {'met' if met else 'not met'}.")
+    from gpu_runs import SEEDS  # benchmarks/, this script's folder
+
     seeds = [experiments[name] for name in SEEDS if name in experiments]
     if len(seeds) == len(SEEDS) and not overrides:
         last = max(r.get("ended_s", 0) for r in seeds)

@@ -43,6 +43,8 @@ import yaml
 
 log = logging.getLogger("gpu_runs")
 ROOT = Path(__file__).resolve().parents[1]
+# the five seed questions' experiments (the CIFAR-10 autoencoder question is two)
+SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn", "colored_mnist_cnn")
 
 
 class Deadline:
@@ -137,7 +139,9 @@ def trained_here(model_dir: Path, checkpoints: Path) -> bool:
     """Whether train finished here for this source commit (an earlier call on
     the same machine, stopped in evaluate): its model is written, its
     checkpoint complete and its run.json names ``IMAGEPIPE_SOURCE_COMMIT``."""
-    commit = os.environ.get("IMAGEPIPE_SOURCE_COMMIT")
+    from stages.tracking import SOURCE_COMMIT
+
+    commit = os.environ.get(SOURCE_COMMIT)
     try:
         state = json.loads((checkpoints / "state.json").read_text())
         ref = json.loads((model_dir / "run.json").read_text())

@@ -15,9 +15,9 @@
 #   runs     every other experiment of the kit at its full settings, side by side
 #            on the one GPU (benchmarks/gpu_runs.py), stopped at RUNS_DEADLINE_S
 #            seconds (a stopped train resumes from its checkpoint next time)
-#   commit   dvc commit of the train@ and evaluate@ stages that finished (the
-#            tree has no .git: DVC runs with core.no_scm), then dvc status; brings
-#            back dvc.lock and the status
+#   commit   dvc commit of the train@ and evaluate@ stages that finished (DVC runs
+#            with core.no_scm: the copied tree's git, if any, is not the source's),
+#            then dvc status; brings back dvc.lock and the status
 #   report   the report stage and its dvc commit, when every experiment's model is here
 #   cost     FLOPs and bytes of a train step, counted from the layers and by XLA
 #   bench    ours against the seed's plain Keras script, mnist_cae and cifar10_cnn,
@@ -55,7 +55,7 @@ export MLFLOW_TRACKING_URI="sqlite:///$PWD/mlflow.db"
 EXPERIMENTS=$(cat "$KIT/experiments.txt")
 FAST=cifar10_fast
 # EXTRA_RUNS: experiments of an earlier call's kit to finish here (a warm machine keeps their data and
-# checkpoints); "auto": those with a checkpoint and no model
+# checkpoints); "auto": those with a checkpoint that no earlier call's summary lists as finished
 finished() { python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1])).get('experiments', {})))" "$1"; }
 if [ "${EXTRA_RUNS:-}" = auto ]; then
     earlier=" $(for f in /tmp/gpu_fast/summary.json /tmp/gpu_runs/summary.json; do [ -f $f ] && finished $f; done | tr "\n" " ") "

@@ -86,7 +86,9 @@ def _run(accuracy=None, psnr=None, train_s=30.0, ended_s=100.0):
 
 
 def test_every_experiment_is_listed_and_the_two_targets_judged():
-    seeds = {name: _run(psnr=20.0, ended_s=150.0 + i) for i, name in enumerate(gpu_report.SEEDS)}
+    from gpu_runs import SEEDS  # benchmarks/, on the path once gpu_report is loaded
+
+    seeds = {name: _run(psnr=20.0, ended_s=150.0 + i) for i, name in enumerate(SEEDS)}
     runs = {"data_s": 17.0, "overrides": [], "experiments": {**seeds, "mnist_cae_plus": _run(psnr=40.0, train_s=None)}}
     fast = {"overrides": [], "experiments": {"cifar10_fast": _run(accuracy=0.9312, train_s=55.0)}}
     text = gpu_report.runs_section(runs, fast)
