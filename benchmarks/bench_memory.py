@@ -6,7 +6,8 @@ command line ``dvc.yaml`` gives it (read from it), in a scratch project: a copy 
 the chosen experiments read, and those experiments, with
 ``limits.max_epochs`` set to ``--epochs`` (every epoch repeats the first's
 allocations, so one shows the peak). In order: download (from DATA_MIRROR,
-else the params' mirror or the official host), prepare, each corruption,
+else the params' mirror or the official host; from a mirror, CIFAR-10 is the
+JPEG copy the mirror holds, ``cifar10_jpeg``), prepare, each corruption,
 train and evaluate of each experiment, and report. With ``--untrained`` the
 train stage is replaced by saving an untrained model of the experiment's
 architecture (not measured): evaluate's memory does not depend on the
@@ -22,10 +23,10 @@ swapped). Printed as a table and saved
 (benchmarks/results/bench_memory-<dataset>.json, or ``--out``) with machine,
 backend, versions and date.
 
-    DATA_MIRROR=../shared/datasets python benchmarks/bench_memory.py          # CIFAR-10
-    DATA_MIRROR=../shared/datasets python benchmarks/bench_memory.py --experiments cifar10_cnn
-    python benchmarks/bench_memory.py --dataset mnist --limit-mib 1536
-    python benchmarks/bench_memory.py --untrained --experiments cifar10_colorize cifar10_cnn_plus
+    DATA_MIRROR=../shared/datasets python -m benchmarks.bench_memory          # CIFAR-10
+    DATA_MIRROR=../shared/datasets python -m benchmarks.bench_memory --experiments cifar10_cnn
+    python -m benchmarks.bench_memory --dataset mnist --limit-mib 1536
+    python -m benchmarks.bench_memory --untrained --experiments cifar10_colorize cifar10_cnn_plus
 """
 
 from __future__ import annotations
@@ -34,21 +35,16 @@ import argparse
 import json
 import logging
 import os
-import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from bench_train import machine, timed  # noqa: E402 (benchmarks/, this script's folder)
+from benchmarks.harness import (PARAMS_FILE, child_env, machine, on_mirror, scratch_project, stage_command, timed,
+                                write_results)
 
 log = logging.getLogger("bench_memory")
 
@@ -157,52 +153,44 @@ def save_untrained(name: str) -> None:
     """
     import mlflow
 
-    from stages import params as params_mod, tracking, train
+    from stages import params as params_mod
     from stages.experiment_data import Arrays, ExperimentData
+    from stages.feeder import ScaledBatches
+    from stages.mlflow_run import save_run_ref
+    from stages.mlflow_store import EXPERIMENTS, connect
+    from stages.training import compiled_model
 
     exp = params_mod.experiment(params_mod.load(Path("params.yaml")), name)
     data = ExperimentData(name, exp)
     fit_on, val = data.training()
-    model = train.build(name, exp, fit_on.x.shape[1:], len(data.class_names), 1, 1, fit_on.y)
+    model = compiled_model(name, exp, fit_on.x.shape[1:], len(data.class_names), 1, 1, fit_on.y)
     n = min(256, len(val))
-    batches = train.ScaledBatches(Arrays(val.x[:n], val.y[:n]), np.arange(n), n,
-                                  image_targets=exp.task == "autoencoder")
+    batches = ScaledBatches(Arrays(val.x[:n], val.y[:n]), n, image_targets=exp.task == "autoencoder")
     loss = model.evaluate(batches, verbose=0, return_dict=True)["loss"]
     out = Path("models") / name
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model.keras")
     (out / "history.json").write_text(json.dumps({"untrained_val_loss": [float(loss)]}) + "\n")
-    experiment_id = tracking.connect(exp.task)
+    experiment_id = connect(EXPERIMENTS[exp.task])
     with mlflow.start_run(run_name=name) as run:
         mlflow.set_tag("bench_memory", "untrained model")
-    tracking.save_run_ref(out / "run.json", run.info.run_id, experiment_id)
+    save_run_ref(out / "run.json", run.info.run_id, experiment_id)
 
 
 def commands(scratch: dict, untrained: bool = False) -> list[tuple[str, list[str]]]:
-    """(stage name, command) in pipeline order, each ``cmd`` of dvc.yaml with
-    its ``${key}`` and ``${item.*}`` filled in (``python`` run as this interpreter).
-    With ``untrained``, each train is an ``untrained@`` step that this script runs."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-    def command(stage: str, key: str | None = None, item: dict | None = None) -> list[str]:
-        text = stages[stage]["do"]["cmd"] if key is not None else stages[stage]["cmd"]
-        for name, value in {"key": key, **{f"item.{k}": v for k, v in (item or {}).items()}}.items():
-            text = text.replace("${%s}" % name, str(value))
-        if "${" in text:
-            raise SystemExit(f"bench_memory: dvc.yaml's {stage} command has a variable this script does not fill: "
-                             f"{text}")
-        words = shlex.split(text)
-        return [sys.executable, *words[1:]] if words[0] == "python" else words
-
+    """(stage name, command) in pipeline order, each dvc.yaml's (``python`` run
+    as this interpreter). With ``untrained``, each train is an ``untrained@``
+    step that this module runs."""
     [dataset] = scratch["datasets"]
-    steps = [(f"{stage}@{dataset}", command(stage, dataset, scratch["datasets"][dataset]))
+    steps = [(f"{stage}@{dataset}", stage_command(stage, dataset, scratch["datasets"][dataset]))
              for stage in ("download", "prepare")]
-    steps += [(f"corrupt@{name}", command("corrupt", name, item)) for name, item in scratch["corruptions"].items()]
+    steps += [(f"corrupt@{name}", stage_command("corrupt", name, item))
+              for name, item in scratch["corruptions"].items()]
     for name, item in scratch["experiments"].items():
-        steps.append((f"untrained@{name}", [sys.executable, str(Path(__file__).resolve()), "--save-untrained", name])
-                     if untrained else (f"train@{name}", command("train", name, item)))
-        steps.append((f"evaluate@{name}", command("evaluate", name, item)))
-    return [*steps, ("report", command("report"))]
+        steps.append((f"untrained@{name}", [sys.executable, "-m", "benchmarks.bench_memory", "--save-untrained", name])
+                     if untrained else (f"train@{name}", stage_command("train", name, item)))
+        steps.append((f"evaluate@{name}", stage_command("evaluate", name, item)))
+    return [*steps, ("report", stage_command("report"))]
 
 
 def images(project: Path, dataset: str) -> dict[str, int]:
@@ -212,10 +200,8 @@ def images(project: Path, dataset: str) -> dict[str, int]:
 
 
 def measure(scratch: dict, work: Path, untrained: bool = False) -> tuple[list[dict], dict[str, int]]:
-    project = work / "project"
-    shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "params.yaml").write_text(yaml.safe_dump(scratch, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    project = scratch_project(work / "project", scratch)
+    env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")  # the untrained@ steps import benchmarks
     rows, counts = [], {}
     for stage, cmd in commands(scratch, untrained):
         if stage.startswith("untrained@"):  # not a pipeline stage: not measured
@@ -249,7 +235,7 @@ def table(rows: list[dict], limit_mib: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="params file (default: the repo's)")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: the project's)")
     parser.add_argument("--dataset", default="cifar10", help="a dataset under 'datasets' (default: %(default)s)")
     parser.add_argument("--experiments", nargs="+", help="experiments on that dataset (default: those that "
                         "improve on none)")
@@ -258,7 +244,8 @@ def main(argv=None) -> int:
     parser.add_argument("--untrained", action="store_true", help="evaluate untrained models instead of "
                         "training (evaluate's memory does not depend on the weights); no train rows")
     parser.add_argument("--save-untrained", metavar="EXPERIMENT", help=argparse.SUPPRESS)  # the untrained@ step
-    parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/bench_memory-<dataset>.json)")
+    parser.add_argument("--out", type=Path,
+                        help="results JSON (default: benchmarks/results/bench_memory-<dataset>.json)")
     args = parser.parse_args(argv)
     if args.save_untrained:
         save_untrained(args.save_untrained)
@@ -270,16 +257,15 @@ def main(argv=None) -> int:
         params = yaml.safe_load(args.params.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"bench_memory: cannot read params file {args.params}: {exc}") from None
-    scratch = plan(params, args.dataset, args.experiments)
+    mirror = os.environ.get("DATA_MIRROR") or (params.get("download") or {}).get("mirror")
+    scratch = plan(on_mirror(params) if mirror else params, args.dataset, args.experiments)
     scratch["limits"] = {**(params.get("limits") or {}), "max_epochs": args.epochs, "max_samples": None}
     with tempfile.TemporaryDirectory(prefix="bench_memory-") as tmp:
         rows, counts = measure(scratch, Path(tmp), args.untrained)
     result = {"machine": machine(), "dataset": args.dataset, "images": counts,
-              "epochs": 0 if args.untrained else args.epochs, "untrained": args.untrained,
-              "mirror": os.environ.get("DATA_MIRROR"), "limit_mib": args.limit_mib, "stages": rows}
-    out = args.out or ROOT / "benchmarks" / "results" / f"bench_memory-{args.dataset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+              "epochs": 0 if args.untrained else args.epochs, "untrained": args.untrained, "mirror": mirror,
+              "source": scratch["datasets"][args.dataset]["source"], "limit_mib": args.limit_mib, "stages": rows}
+    out = write_results(result, f"bench_memory-{args.dataset}", args.out)
     over = [r["stage"] for r in rows if r["peak_rss_mib"] >= args.limit_mib]
     private_over = [r["stage"] for r in rows if (r["sampled_at_peak_mib"] or {}).get("anon", 0) >= args.limit_mib]
     print(table(rows, args.limit_mib))

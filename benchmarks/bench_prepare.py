@@ -7,7 +7,10 @@ and prints wall time (median of ``--repeats``), peak resident memory of the
 stage process, and the ratio baseline/ours, with the machine, versions and date.
 
 Needs the archive: DATA_MIRROR (default ../shared/datasets) must hold
-cifar10-jpeg/cifar10-jpeg.tar.gz. Results also go to benchmarks/results/.
+cifar10-jpeg/cifar10-jpeg.tar.gz. Results also go to
+benchmarks/results/prepare-<date>.json.
+
+    DATA_MIRROR=../shared/datasets python -m benchmarks.bench_prepare
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import resource
 import statistics
 import subprocess
@@ -27,18 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import PIL
 import yaml
 from PIL import Image
 
-from hostinfo import host
+from benchmarks.harness import ROOT, data_mirror, machine, on_mirror, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_prepare")
-
-
-def machine() -> dict:
-    return {**host(), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
 def baseline(archive: Path) -> tuple[float, int]:
@@ -71,11 +67,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    mirror = Path(os.environ.get("DATA_MIRROR", ROOT.parent / "shared" / "datasets"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        params = {"download": {"mirror": str(mirror), "cache_dir": str(work / "cache")},
-                  "datasets": {"cifar10": {"source": {"builtin": "cifar10_jpeg"}}}}
+        params = on_mirror({"download": {"mirror": data_mirror(), "cache_dir": str(work / "cache")},
+                            "datasets": {"cifar10": {"source": {"builtin": "cifar10"}}}})
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         subprocess.run([sys.executable, "-m", "stages.download", "cifar10", "--params", str(work / "params.yaml"),
                         "--out", str(work / "raw")], cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
@@ -85,15 +80,13 @@ def main() -> int:
     ours_s = statistics.median(s for s, _ in ours)
     base_s = statistics.median(s for s, _ in base)
     result = {
-        "benchmark": "prepare cifar10_jpeg (60,000 JPEG, 32x32)", **machine(),
+        "benchmark": "prepare cifar10_jpeg (60,000 JPEG, 32x32)", "machine": machine("numpy", "pillow", keras=False),
         "ours_s": round(ours_s, 2), "ours_runs_s": [round(s, 2) for s, _ in ours],
         "ours_peak_rss_mib": round(max(r for _, r in ours) / 2**20),
         "baseline_s": round(base_s, 2), "baseline_images": base[0][1],
         "speedup_vs_baseline": round(base_s / ours_s, 2),
     }
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"prepare-{result['date']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, f"prepare-{result['machine']['date']}")
     log.info(json.dumps(result, indent=2))
     return 0
 

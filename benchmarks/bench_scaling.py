@@ -1,7 +1,7 @@
 """Benchmark: how training cost grows with the batch size and with the data.
 
 For one experiment's model, compiled exactly as the train stage compiles it
-(``stages.train.build``), on the images of its prepared dataset scaled to
+(``stages.training.compiled_model``), on the images of its prepared dataset scaled to
 [0, 1] as the stage scales them:
 
 * throughput against batch size: training images/s of one epoch over
@@ -13,37 +13,32 @@ For one experiment's model, compiled exactly as the train stage compiles it
 Each point is the median of ``--repeats`` epochs. Writes
 ``benchmarks/results/bench_scaling-<experiment>-<backend>.json`` and a
 two-panel plot (``--plot``, default ``docs/img/scaling-<experiment>-<backend>.png``),
-with the machine, backend, versions and date. The same script runs on the GPU
-machine with ``KERAS_BACKEND=jax``.
+with the machine, backend, versions and date. On a GPU, run it with
+``KERAS_BACKEND=jax``.
 
-    python benchmarks/bench_scaling.py --experiment mnist_cae
+    python -m benchmarks.bench_scaling --experiment mnist_cae
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hostinfo import host  # noqa: E402
+from benchmarks.harness import ROOT, machine, write_results  # noqa: E402
 from stages import params as params_mod  # noqa: E402
 from stages.experiment_data import ExperimentData  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.train import build, configure_backend, one_op_at_a_time  # noqa: E402
+from stages.training import compiled_model, configure_backend, one_op_at_a_time  # noqa: E402
 
 log = logging.getLogger("bench_scaling")
 
@@ -109,6 +104,7 @@ def main() -> int:
     args = parser.parse_args()
 
     os.chdir(ROOT)
+    measured_on = machine()  # before this process claims an accelerator: it asks a fresh interpreter
     exp = params_mod.experiment(params_mod.load(), args.experiment)
     data = ExperimentData(args.experiment, exp)
     train, _ = data.training()
@@ -121,13 +117,13 @@ def main() -> int:
     configure_backend(exp.training.seed, exp.training.mixed_precision)
 
     def model_for(batch_size: int, images: int):
-        return build(args.experiment, exp, x.shape[1:], len(data.class_names), math.ceil(images / batch_size), 1,
-                     train.y[:count] if exp.task == "autoencoder" else None)  # a linear_path's PCA
+        steps = math.ceil(images / batch_size)
+        return compiled_model(args.experiment, exp, x.shape[1:], len(data.class_names), steps, 1,
+                              train.y[:count] if exp.task == "autoencoder" else None)  # a linear_path's PCA
 
     backend = keras.backend.backend()
-    versions = {"keras": keras.__version__, "backend": backend}
     result = {"experiment": args.experiment, "batch_size": exp.training.batch_size, "repeats": args.repeats,
-              "machine": {**host(), **versions}, "throughput_by_batch": [], "time_by_size": []}
+              "machine": measured_on, "throughput_by_batch": [], "time_by_size": []}
     for batch_size in args.batches:
         seconds = epoch_seconds(model_for(batch_size, args.images), x[:args.images], y[:args.images], batch_size,
                                 args.repeats)
@@ -142,9 +138,7 @@ def main() -> int:
     fixed, per_image = fitted_line([s["images"] for s in result["time_by_size"]],
                                    [s["seconds"] for s in result["time_by_size"]])
     result["fit"] = {"fixed_s": round(fixed, 3), "per_image_s": per_image}
-    out = ROOT / "benchmarks" / "results" / f"bench_scaling-{args.experiment}-{backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(result, f"bench_scaling-{args.experiment}-{backend}")
     figure = args.plot or ROOT / "docs" / "img" / f"scaling-{args.experiment}-{backend}.png"
     plot(result, figure)
     log.info("wrote %s and %s", out.relative_to(ROOT), figure.relative_to(ROOT) if figure.is_relative_to(ROOT)

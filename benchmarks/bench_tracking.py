@@ -3,30 +3,28 @@ writers side by side, and whether any write fails ("database is locked").
 
 Each writer is a process doing what a train stage does, as fast as it can:
 create a run, log its params and tags, log ``--epochs`` epochs of four
-metrics one ``log_batch`` per epoch (as ``stages.tracking.MetricLog`` does),
+metrics one ``log_batch`` per epoch (as ``stages.mlflow_run.MetricLog`` does),
 end the run; ``--runs`` times. Stores: the embedded SQLite file, and a real
 ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifacts, one worker
 process). Every run is read back at the end and checked complete.
 
-    python benchmarks/bench_tracking.py                 # 1, 2, 4, 8 writers on both stores
-    python benchmarks/bench_tracking.py --writers 4 --store sqlite --json out.json
+    python -m benchmarks.bench_tracking                 # 1, 2, 4, 8 writers on both stores
+    python -m benchmarks.bench_tracking --writers 4 --store sqlite --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import machine, write_results
+
 log = logging.getLogger("bench_tracking")
-ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -112,16 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="runs per writer")
     parser.add_argument("--epochs", type=int, default=50, help="epochs (log_batch calls) per run")
     parser.add_argument("--workdir", type=Path, help="where the stores go (default: a temporary folder)")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here (default: "
+                        "benchmarks/results/bench_tracking.json)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from mlflow_server import MlflowServer
+    from tests.mlflow_server import MlflowServer  # the tests' real server on 127.0.0.1
 
-    import mlflow
-
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "python": platform.python_version(), "mlflow": mlflow.__version__,
-               "date": time.strftime("%Y-%m-%d"), "runs_per_writer": args.runs, "epochs": args.epochs, "rows": []}
+    results = {"machine": machine("mlflow", keras=False), "runs_per_writer": args.runs, "epochs": args.epochs,
+               "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         for store in (["sqlite", "server"] if args.store == "both" else [args.store]):
@@ -143,8 +138,7 @@ def main(argv=None) -> int:
                 log.info("%-6s %d writers: %d runs in %.1f s, %.1f runs/s, %d metric points/s, %d errors%s",
                          store, writers, row["runs"], row["seconds"], row["runs_per_s"], row["points_per_s"],
                          row["error_count"], f", problems {row['problems'][:3]}" if row["problems"] else "")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(results, "bench_tracking", args.json)
     bad = [r for r in results["rows"] if r["error_count"] or r["problems"]]
     return 1 if bad else 0
 

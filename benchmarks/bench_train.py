@@ -28,16 +28,15 @@ wrapper adds that wait; everything else is the stage as DVC runs it), so a
 turn holds all its per-epoch work: the epoch (its batches scaled as they
 are drawn), the validation pass, the checkpoint and the MLflow batch.
 
-    python benchmarks/bench_train.py                      # mnist_cae and cifar10_cnn
-    python benchmarks/bench_train.py --experiments mnist_cae --fraction 1 --epochs 3
-    python benchmarks/bench_train.py --interleave --epochs 10 --experiments mnist_denoise
-    python benchmarks/bench_train.py --interleave --set training.mixed_precision=true   # bf16 for ours
+    python -m benchmarks.bench_train                      # mnist_cae and cifar10_cnn
+    python -m benchmarks.bench_train --experiments mnist_cae --fraction 1 --epochs 3
+    python -m benchmarks.bench_train --interleave --epochs 10 --experiments mnist_denoise
+    python -m benchmarks.bench_train --interleave --set training.mixed_precision=true   # bf16 for ours
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
@@ -52,18 +51,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from gpu_runs import apply_overrides  # noqa: E402 (benchmarks/, this script's folder)
-from hostinfo import host  # noqa: E402
+from benchmarks.harness import (ROOT, apply_overrides, child_env, load_params, machine, scratch_project, timed,
+                                write_results)
 
 log = logging.getLogger("bench_train")
 
 # the stage's line per epoch: the epoch (fit and validation), then what it does
-# after it: the checkpoint and the MLflow batch (those two logged since 2026-12-01)
+# after it: the checkpoint and the MLflow batch (those two absent from older stages' lines)
 EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s"
                         r"(?: \(then checkpoint ([\d.]+) s, tracking ([\d.]+) s\))?")
 DEVICE_PEAK_LINE = re.compile(r"train \S+: peak device memory (\d+) MiB")
@@ -90,34 +85,6 @@ def with_overrides(params: dict, names: list[str], overrides: list[str]) -> dict
     except params_mod.ParamsError as exc:
         raise ValueError(f"--set {' '.join(overrides)}: {exc}") from None
     return changed
-
-
-def machine() -> dict:
-    versions = subprocess.run(
-        [sys.executable, "-c", "import keras, json; b = keras.backend.backend(); "
-         "m = __import__('tensorflow' if b == 'tensorflow' else b); "
-         "print(json.dumps({'keras': keras.__version__, 'backend': b, b: m.__version__}))"],
-        capture_output=True, text=True, check=True).stdout
-    return {**host(), **json.loads(versions)}
-
-
-def timed(cmd: list[str], cwd: Path, env: dict, watch=None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (MiB) and stderr+stdout of one child process.
-
-    ``watch``, if given, is called with the child's pid once it has started and
-    returns a context manager that is held while the child runs."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as output:
-        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
-        with watch(process.pid) if watch else contextlib.nullcontext():
-            _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        elapsed = time.perf_counter() - started
-        output.seek(0)
-        text = output.read()
-    if process.returncode != 0:
-        raise SystemExit(f"benchmark: {' '.join(cmd)} failed in {cwd} ({process.returncode}):\n{text[-3000:]}")
-    return elapsed, usage.ru_maxrss // 1024, text
 
 
 def subset(source: Path, dest: Path, fraction: float) -> dict[str, int]:
@@ -147,12 +114,11 @@ def data_files(exp: dict, work: Path, fraction: float) -> tuple[dict[str, Path],
     return files, counts
 
 
-def scratch_project(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path) -> Path:
-    project = work / "ours"
-    shutil.copytree(ROOT / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    exp = params["experiments"][name]
-    scratch = {**params, "limits": {"max_epochs": epochs, "max_samples": None}, "experiments": {name: exp}}
-    (project / "params.yaml").write_text(yaml.safe_dump(scratch, sort_keys=False))
+def ours_project(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path) -> Path:
+    """A scratch project holding the one experiment, capped at ``epochs``, and its data files."""
+    scratch = {**params, "limits": {"max_epochs": epochs, "max_samples": None},
+               "experiments": {name: params["experiments"][name]}}
+    project = scratch_project(work / "ours", scratch)
     for ref, path in files.items():
         (project / "data" / ref).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, project / "data" / f"{ref}.npz")
@@ -162,7 +128,7 @@ def scratch_project(name: str, params: dict, files: dict[str, Path], epochs: int
 def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Path, env: dict,
          evaluate: bool = True) -> dict:
     """The train and (unless not ``evaluate``) evaluate stages in a scratch project."""
-    project = scratch_project(name, params, files, epochs, work)
+    project = ours_project(name, params, files, epochs, work)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     train_s, train_rss, text = timed([sys.executable, "-m", "stages.train", name], project, env)
     lines = EPOCH_LINE.findall(text)
@@ -179,37 +145,42 @@ def ours(name: str, params: dict, files: dict[str, Path], epochs: int, work: Pat
 
 # --- the seed scripts, as plain Keras --------------------------------------
 
-# experiment -> the question whose script trains its model
-SEEDS = {"mnist_cae": "mnist_cae", "fashion_mnist_cae": "mnist_cae", "mnist_denoise": "mnist_denoise",
-         "cifar10_cae_4pool": "cifar10_cae_4pool", "cifar10_cae_3pool": "cifar10_cae_3pool",
-         "cifar10_cnn": "cifar10_cnn", "colored_mnist_cnn": "colored_mnist_cnn",
-         "colored_mnist_cnn_broken": "colored_mnist_cnn_broken"}
-CLASSIFIERS = {"cifar10_cnn", "colored_mnist_cnn", "colored_mnist_cnn_broken"}
+def seed_scripts(params: dict) -> dict[str, str]:
+    """Each experiment a seed script trains, with the seed question's
+    experiment whose script it is: every experiment that quotes a seed's
+    figure (``seed_figure``) has its question's script, and an experiment of
+    the same model, loss and optimizer shares it (``fashion_mnist_cae`` is
+    ``mnist_cae``'s script on other data)."""
+    experiments = params["experiments"]
+
+    def compiled(exp: dict) -> tuple:
+        return exp["task"], exp["model"], exp["training"]["loss"], exp["training"]["optimizer"]
+
+    seeds = [name for name, exp in experiments.items() if exp.get("seed_figure")]
+    scripts = {name: name for name in seeds}
+    for name, exp in experiments.items():
+        seed = next((seed for seed in seeds if compiled(experiments[seed]) == compiled(exp)), None)
+        if seed is not None:
+            scripts.setdefault(name, seed)
+    return scripts
 
 
-def seed_model(name: str, image_shape: tuple[int, ...]):
-    """The questions' models, written layer by layer as their scripts do."""
+def seed_model(seed: str, image_shape: tuple[int, ...]):
+    """The questions' models, written layer by layer as their scripts do
+    (``seed``: the question's experiment, a value of :func:`seed_scripts`)."""
     import keras
     from keras import layers
 
     def conv(filters, **kwargs):
         return layers.Conv2D(filters, 3, activation="relu", padding="same", **kwargs)
 
-    seed = SEEDS.get(name)
     inputs = keras.Input(image_shape)
-    if seed == "mnist_cae":  # 16/8 filters, two poolings, sigmoid output, BCE, Adam
-        x = layers.MaxPooling2D(2, padding="same")(conv(16)(inputs))
-        x = layers.MaxPooling2D(2, padding="same")(conv(8)(x))
-        x = layers.UpSampling2D(2)(conv(8)(x))
-        x = layers.UpSampling2D(2)(conv(16)(x))
-        outputs = layers.Conv2D(image_shape[-1], 3, activation="sigmoid", padding="same")(x)
-        model = keras.Model(inputs, outputs)
-        model.compile(optimizer="adam", loss="binary_crossentropy")
-    elif seed == "mnist_denoise":  # 32 filters throughout, two poolings, sigmoid output, BCE, Adam
-        x = layers.MaxPooling2D(2, padding="same")(conv(32)(inputs))
-        x = layers.MaxPooling2D(2, padding="same")(conv(32)(x))
-        x = layers.UpSampling2D(2)(conv(32)(x))
-        x = layers.UpSampling2D(2)(conv(32)(x))
+    if seed in ("mnist_cae", "mnist_denoise"):  # two poolings, sigmoid output, BCE, Adam
+        outer, inner = (16, 8) if seed == "mnist_cae" else (32, 32)  # mnist_denoise: 32 filters throughout
+        x = layers.MaxPooling2D(2, padding="same")(conv(outer)(inputs))
+        x = layers.MaxPooling2D(2, padding="same")(conv(inner)(x))
+        x = layers.UpSampling2D(2)(conv(inner)(x))
+        x = layers.UpSampling2D(2)(conv(outer)(x))
         outputs = layers.Conv2D(image_shape[-1], 3, activation="sigmoid", padding="same")(x)
         model = keras.Model(inputs, outputs)
         model.compile(optimizer="adam", loss="binary_crossentropy")
@@ -250,12 +221,12 @@ def seed_model(name: str, image_shape: tuple[int, ...]):
         model = keras.Model(inputs, layers.Softmax()(x))
         model.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
     else:
-        raise SystemExit(f"bench_train: no seed script for {name!r} ({', '.join(SEEDS)})")
+        raise SystemExit(f"bench_train: no seed script for {seed!r}")
     return model
 
 
-def seed_run(name: str, input_file: Path, target_file: Path, epochs: int, batch_size: int) -> None:
-    """One seed script run (in its own process); prints its epoch times as JSON."""
+def seed_run(seed: str, input_file: Path, target_file: Path, epochs: int, batch_size: int) -> None:
+    """One run of ``seed``'s script (in its own process); prints its epoch times as JSON."""
     import keras
 
     from stages.images import load
@@ -265,8 +236,8 @@ def seed_run(name: str, input_file: Path, target_file: Path, epochs: int, batch_
 
     inputs, targets = load(input_file), load(target_file)
     x_train, x_test = images(inputs, "train", "val"), images(inputs, "test")
-    model = seed_model(name, x_train.shape[1:])
-    if SEEDS[name] in CLASSIFIERS:  # one-hot labels, as the questions' scripts have them
+    model = seed_model(seed, x_train.shape[1:])
+    if model.loss == "categorical_crossentropy":  # a classifier: one-hot labels, as the questions' scripts have them
         y_train = keras.utils.to_categorical(np.concatenate([targets.splits["train"].labels,
                                                              targets.splits["val"].labels]), 10)
         y_test = keras.utils.to_categorical(targets.splits["test"].labels, 10)
@@ -293,15 +264,15 @@ def seed_run(name: str, input_file: Path, target_file: Path, epochs: int, batch_
     print(json.dumps({"epoch_s": times, "device_peak_mib": None if peak is None else round(peak)}), flush=True)
 
 
-def seed(name: str, files: list[Path], epochs: int, batch_size: int, env: dict) -> dict:
-    wall, rss, text = timed(seed_command(name, files, epochs, batch_size), ROOT, env)
+def seed(seed: str, files: list[Path], epochs: int, batch_size: int, env: dict) -> dict:
+    wall, rss, text = timed(seed_command(seed, files, epochs, batch_size), ROOT, env)
     return {**json.loads(text.strip().splitlines()[-1]), "stage_s": wall, "peak_rss_mib": rss}
 
 
-def seed_command(name: str, files: list[Path], epochs: int, batch_size: int) -> list[str]:
+def seed_command(seed: str, files: list[Path], epochs: int, batch_size: int) -> list[str]:
     input_file, target_file = files[0], files[-1]
-    return [sys.executable, __file__, "--seed-run", name, str(input_file), str(target_file), str(epochs),
-            str(batch_size)]
+    return [sys.executable, "-m", "benchmarks.bench_train", "--seed-run", seed, str(input_file), str(target_file),
+            str(epochs), str(batch_size)]
 
 
 # --- turn taking (--interleave) ----------------------------------------------
@@ -401,10 +372,10 @@ def paired(seed_s: list[float], ours_s: list[float]) -> dict:
 
 def ours_run(name: str) -> int:
     """Our train stage, as ``python -m stages.train NAME`` runs it, with a
-    turn taken at every ``Model.fit`` call (the stage makes one per epoch)."""
+    turn taken at every ``Model.fit`` call (the stage makes one per epoch).
+    Run with ``python -m`` in the scratch project, its ``stages`` come first."""
     import keras
 
-    sys.path.insert(0, os.getcwd())  # the scratch project's stages/
     turns = Turns.from_env()
     fit = keras.Model.fit
 
@@ -418,18 +389,18 @@ def ours_run(name: str) -> int:
     return train.main([name])
 
 
-def interleaved(name: str, params: dict, files: dict[str, Path], epochs: int, batch: int, work: Path,
+def interleaved(name: str, script: str, params: dict, files: dict[str, Path], epochs: int, batch: int, work: Path,
                 env: dict) -> dict:
-    """The seed's script and our train stage side by side, an epoch each in turn."""
-    project = scratch_project(name, params, files, epochs, work)
+    """The seed's script (``script``) and our train stage side by side, an epoch each in turn."""
+    project = ours_project(name, params, files, epochs, work)
     ours_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    commands = {"seed": (seed_command(name, list(files.values()), epochs, batch), ROOT, env),
-                "ours": ([sys.executable, __file__, "--ours-run", name], project, ours_env)}
+    commands = {"seed": (seed_command(script, list(files.values()), epochs, batch), ROOT, env),
+                "ours": ([sys.executable, "-m", "benchmarks.bench_train", "--ours-run", name], project, ours_env)}
     outputs, processes, children = {}, {}, {}
     try:
-        for who, (cmd, cwd, child_env) in commands.items():
+        for who, (cmd, cwd, its_env) in commands.items():
             outputs[who] = tempfile.TemporaryFile("w+")
-            processes[who], go, done = spawn_with_turns(cmd, cwd, child_env, outputs[who])
+            processes[who], go, done = spawn_with_turns(cmd, cwd, its_env, outputs[who])
             children[who] = (go, done, processes[who].pid)
         turns = take_turns(children, epochs)
     finally:
@@ -471,8 +442,9 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--ours-run":
         return ours_run(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    scripts = seed_scripts(load_params())
     parser.add_argument("--experiments", nargs="+", default=["mnist_cae", "cifar10_cnn"],
-                        help=f"any of {', '.join(SEEDS)} (default: %(default)s)")
+                        help=f"any of {', '.join(scripts)} (default: %(default)s)")
     parser.add_argument("--fraction", type=float, default=0.2, help="of every split (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=4, help="the first compiles; median over the rest")
     parser.add_argument("--interleave", action="store_true",
@@ -485,18 +457,17 @@ def main() -> int:
     parser.add_argument("--train-only", action="store_true", help="skip our evaluate stage")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/bench_train[_interleaved].json")
     args = parser.parse_args()
-    out = args.out or ROOT / "benchmarks/results" / f"bench_train{'_interleaved' if args.interleave else ''}.json"
     if args.ours_only and args.interleave:
         parser.error("--ours-only has no seed to interleave with")
-    unknown = [name for name in args.experiments if name not in SEEDS]
+    unknown = [name for name in args.experiments if name not in scripts]
     if unknown:
-        parser.error(f"no seed script for {', '.join(unknown)} (choose from {', '.join(SEEDS)})")
+        parser.error(f"no seed script for {', '.join(unknown)} (choose from {', '.join(scripts)})")
 
     try:
-        params = with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), args.experiments, args.overrides)
+        params = with_overrides(load_params(), args.experiments, args.overrides)
     except ValueError as exc:
         parser.error(str(exc))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()  # ours runs in a scratch project, and imports this package there
     env.pop("MLFLOW_TRACKING_URI", None)
     results = {"machine": machine(), "fraction": args.fraction, "epochs": args.epochs,
                "interleave": args.interleave, "ours_overrides": args.overrides, "experiments": {}}
@@ -511,14 +482,14 @@ def main() -> int:
             images = counts["train"] + counts["val"]
             log.info("%s: %d training images, batch %d, %d epochs", name, images, batch, epochs)
             if args.interleave:
-                result = interleaved(name, params, files, epochs, batch, work, env)
+                result = interleaved(name, scripts[name], params, files, epochs, batch, work, env)
                 log.info("%s interleaved: %s", name, result)
                 results["experiments"][name] = {"training_images": images, "batch_size": batch, "epochs": epochs,
                                                 **result}
                 continue
             seed_result = None
             if not args.ours_only:
-                seed_result = summarise(seed(name, list(files.values()), epochs, batch, env), images)
+                seed_result = summarise(seed(scripts[name], list(files.values()), epochs, batch, env), images)
                 log.info("%s seed: %s", name, seed_result)
             ours_result = summarise(ours(name, params, files, epochs, work, env, not args.train_only), images)
             log.info("%s ours: %s", name, ours_result)
@@ -527,8 +498,7 @@ def main() -> int:
             "ratio_images_per_s": seed_result and round(ours_result["images_per_s"] / seed_result["images_per_s"], 3),
             "ratio_fastest": seed_result and round(ours_result["fastest_images_per_s"]
                                                    / seed_result["fastest_images_per_s"], 3)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_results(results, f"bench_train{'_interleaved' if args.interleave else ''}", args.out)
     if args.overrides:
         print(f"ours with: {', '.join(args.overrides)}")
     print(interleaved_table(results) if args.interleave else table(results))

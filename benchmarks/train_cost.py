@@ -14,10 +14,10 @@ achieved FLOP/s and memory bandwidth and set against a device's ceilings:
   batch size. On a GPU, convolutions run as cuDNN calls, which XLA may count
   differently from its own kernels; the two counts side by side show it.
 
-    KERAS_BACKEND=jax python benchmarks/train_cost.py mnist_cae cifar10_cnn
+    KERAS_BACKEND=jax python -m benchmarks.train_cost mnist_cae cifar10_cnn
 
 prints one JSON object per experiment (per image and per step). Builds the
-model as the train stage does (``stages.train.build``), from params.yaml.
+model as the train stage does (``stages.training.compiled_model``), from params.yaml.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+from benchmarks.harness import PARAMS_FILE, write_results
 
 log = logging.getLogger("train_cost")
 
@@ -109,14 +108,14 @@ def experiment_cost(name: str, params_path: Path) -> dict:
     import keras
 
     from stages import params as params_mod
-    from stages.train import build, configure_backend
+    from stages.training import compiled_model, configure_backend
 
     params = params_mod.load(params_path)
     exp = params_mod.experiment(params, name)
     image_shape, num_classes = data_shape(exp)
     configure_backend(exp.training.seed, exp.training.mixed_precision)
     targets = np.zeros((16, *image_shape), np.uint8)  # a linear path's PCA start needs images
-    model = build(name, exp, image_shape, num_classes, 1, 1, targets)
+    model = compiled_model(name, exp, image_shape, num_classes, 1, 1, targets)
     result = {"experiment": name, "batch_size": exp.training.batch_size, "image_shape": list(image_shape),
               "parameters": int(model.count_params()), **analytic(model)}
     if keras.backend.backend() == "jax":
@@ -131,7 +130,7 @@ def experiment_cost(name: str, params_path: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -139,8 +138,7 @@ def main(argv=None) -> int:
     for result in results:
         print(json.dumps(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(results, out=args.out)
     return 0
 
 

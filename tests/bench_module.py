@@ -1,16 +1,9 @@
-"""Load a script from benchmarks/ as a module, for tests of its functions."""
+"""The benchmarks as modules, for tests of their functions."""
 
-import importlib.util
-from pathlib import Path
+import importlib
 from types import ModuleType
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str) -> ModuleType:
-    """A fresh module from ``benchmarks/<name>.py`` (the scripts that import
-    one another put benchmarks/ on the path themselves)."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks.<name>`` (``bench_train``), or a module named in full (``offline_gpu.runs``)."""
+    return importlib.import_module(name if "." in name else f"benchmarks.{name}")

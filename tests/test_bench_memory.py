@@ -15,7 +15,6 @@ from dvc_helpers import dvc_env, pets_params
 from test_pipeline import PETS_DAE
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks" / "bench_memory.py"
 
 
 def _params(tmp_path) -> Path:
@@ -31,14 +30,14 @@ def _params(tmp_path) -> Path:
     return path
 
 
-def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, env=dvc_env(), capture_output=True,
-                          text=True, timeout=600)
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", *args], cwd=REPO, env=dvc_env(),
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_every_stage_of_the_dataset_in_its_own_process(tmp_path):
     out = tmp_path / "results.json"
-    done = _bench("--params", str(_params(tmp_path)), "--dataset", "pets", "--out", str(out), cwd=tmp_path)
+    done = _bench("--params", str(_params(tmp_path)), "--dataset", "pets", "--out", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     stages = [row["stage"] for row in result["stages"]]
@@ -63,11 +62,11 @@ def test_an_experiment_not_on_the_dataset_is_named_and_nothing_is_written(tmp_pa
     out = tmp_path / "results.json"
     params = _params(tmp_path)
     done = _bench("--params", str(params), "--dataset", "pets", "--experiments", "pets_dae", "mnist_cae",
-                  "--out", str(out), cwd=tmp_path)
+                  "--out", str(out))
     assert done.returncode != 0
     assert "mnist_cae" in done.stderr and "pets_dae_plus" in done.stderr  # the ones to choose from
     assert not out.exists()
-    done = _bench("--params", str(params), "--dataset", "cifar10", "--out", str(out), cwd=tmp_path)
+    done = _bench("--params", str(params), "--dataset", "cifar10", "--out", str(out))
     assert done.returncode != 0 and "'cifar10'" in done.stderr and "pets" in done.stderr
     assert not out.exists()
 
@@ -75,7 +74,7 @@ def test_an_experiment_not_on_the_dataset_is_named_and_nothing_is_written(tmp_pa
 def test_untrained_models_measure_evaluate_without_training(tmp_path):
     out = tmp_path / "results.json"
     done = _bench("--params", str(_params(tmp_path)), "--dataset", "pets", "--experiments", "pets_dae_plus",
-                  "--untrained", "--out", str(out), cwd=tmp_path)
+                  "--untrained", "--out", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert [row["stage"] for row in result["stages"]] == ["download@pets", "prepare@pets", "corrupt@pets_noisy",

@@ -1,6 +1,6 @@
 """Concurrent writers on the embedded SQLite store: every run recorded, no
-"database is locked" (through benchmarks/bench_tracking.py, which the docs'
-load figures come from)."""
+"database is locked" (through python -m benchmarks.bench_tracking, which the
+docs' load figures come from)."""
 
 import json
 import subprocess
@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_four_writers_on_one_sqlite_store_lose_nothing(tmp_path):
     out = tmp_path / "load.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_tracking.py"), "--store", "sqlite",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_tracking", "--store", "sqlite",
                              "--writers", "4", "--runs", "3", "--epochs", "20", "--workdir", str(tmp_path),
-                             "--json", str(out)], capture_output=True, text=True, timeout=600)
+                             "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(out.read_text())["rows"][0]
     assert row["runs"] == 12 and row["error_count"] == 0 and row["problems"] == []

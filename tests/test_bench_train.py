@@ -13,7 +13,7 @@ import pytest
 import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks" / "bench_train.py"
+BENCH = [sys.executable, "-m", "benchmarks.bench_train"]
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +27,31 @@ def _layers(model):
             for layer in model.layers if type(layer).__name__ not in ("InputLayer", "Softmax")]
 
 
-@pytest.mark.parametrize("name", ["mnist_cae", "fashion_mnist_cae", "mnist_denoise", "cifar10_cae_4pool",
-                                  "cifar10_cae_3pool", "cifar10_cnn", "colored_mnist_cnn",
-                                  "colored_mnist_cnn_broken"])
+SCRIPTED = ["mnist_cae", "fashion_mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool",
+            "cifar10_cnn", "colored_mnist_cnn", "colored_mnist_cnn_broken"]
+
+
+def test_the_seed_scripts_are_the_seed_figures_experiments_and_their_models_twins(bench):
+    from benchmarks.harness import load_params
+
+    scripts = bench.seed_scripts(load_params())
+    assert sorted(scripts) == sorted(SCRIPTED)  # not colored_mnist_red_only: its model, but Adam for RMSprop
+    assert scripts["fashion_mnist_cae"] == "mnist_cae"
+    assert all(scripts[name] == name for name in SCRIPTED if name != "fashion_mnist_cae")
+
+
+@pytest.mark.parametrize("name", SCRIPTED)
 def test_seed_script_builds_the_experiments_model(bench, name):
     """The benchmark compares like with like: the seed script's model has the
     stage's layers, shapes and weight counts, and the same output activation."""
+    from benchmarks.harness import load_params
     from stages import params as params_mod
-    from stages.models import build_any_autoencoder, build_any_classifier
+    from stages.models import build
 
     exp = params_mod.experiment(params_mod.load(REPO / "params.yaml"), name)
     shape = {"cifar10": (32, 32, 3), "colored": (28, 28, 3)}.get(name.split("_")[0], (28, 28, 1))
-    seed = bench.seed_model(name, shape)
-    if exp.task == "autoencoder":
-        ours, _ = build_any_autoencoder(exp.model.spec(), shape)
-    else:
-        ours = build_any_classifier(exp.model.spec(10), shape)
+    seed = bench.seed_model(bench.seed_scripts(load_params())[name], shape)
+    ours = build(exp.model, shape, 10)
     assert _layers(seed) == _layers(ours)
     assert seed.count_params() == ours.count_params()
     assert _head(seed) == _head(ours)
@@ -57,7 +66,7 @@ def _head(model):
 
 
 def test_unknown_experiment_is_refused_by_name():
-    result = subprocess.run([sys.executable, str(BENCH), "--experiments", "mnist_cae_plus"],
+    result = subprocess.run([*BENCH, "--experiments", "mnist_cae_plus"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no seed script for mnist_cae_plus" in result.stderr
 
@@ -77,8 +86,8 @@ def test_set_changes_each_named_experiment_for_ours(bench):
 
 
 def test_a_bad_set_is_refused_naming_the_key():
-    result = subprocess.run([sys.executable, str(BENCH), "--experiments", "mnist_cae",
-                             "--set", "training.mixed_precison=true"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*BENCH, "--experiments", "mnist_cae", "--set", "training.mixed_precison=true"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "unknown key 'experiments.mnist_cae.training.mixed_precison' (did you mean 'mixed_precision'?)" \
         in result.stderr, result.stderr
@@ -86,8 +95,7 @@ def test_a_bad_set_is_refused_naming_the_key():
 
 CHILD = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {benchmarks!r})
-    from bench_train import Turns
+    from benchmarks.bench_train import Turns
     name, log, sleeps, fail_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     turns = Turns.from_env()
     for i, seconds in enumerate(map(float, sleeps.split(","))):
@@ -104,12 +112,13 @@ CHILD = textwrap.dedent("""
 
 def _children(bench, tmp_path, specs):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(benchmarks=str(REPO / "benchmarks")))
+    script.write_text(CHILD.format())
     log = tmp_path / "turns.log"
     processes, children = [], {}
     for name, sleeps, fail_at in specs:
         process, go, done = bench.spawn_with_turns(
-            [sys.executable, str(script), name, str(log), sleeps, str(fail_at)], tmp_path, {}, subprocess.DEVNULL)
+            [sys.executable, str(script), name, str(log), sleeps, str(fail_at)], tmp_path, {"PYTHONPATH": str(REPO)},
+            subprocess.DEVNULL)
         processes.append(process)
         children[name] = (go, done, process.pid)
     return processes, children, log

@@ -1,13 +1,12 @@
-"""benchmarks/gpu_report.py: the docs' tables from a GPU session's results."""
+"""offline_gpu/report.py: markdown tables of what on_node.sh measured on a GPU node."""
 
 from __future__ import annotations
 
 import json
 import tarfile
 
-import bench_module
-
-gpu_report = bench_module.load("gpu_report")
+from benchmarks.harness import load_params, seed_experiments
+from offline_gpu import report as gpu_report
 
 
 def _ours(images_per_s: float, epoch_s: float, device_peak=None, history=None) -> dict:
@@ -63,7 +62,7 @@ def test_seed_runs_are_totalled_against_five_minutes():
     assert "(no verdict: not at seed settings)" in rehearsal and "With overrides limits.max_epochs=1" in rehearsal
 
 
-def test_a_session_folder_becomes_one_report(tmp_path):
+def test_an_out_folder_becomes_one_report(tmp_path):
     timed = {**_ours(100_000, 0.7), "checkpoint_s": [0.3, 0.25, 0.4], "tracking_s": [0.02, 0.03, 0.01]}
     (tmp_path / "bench.json").write_text(json.dumps(_result(timed, seed=_ours(80_000, 0.875))))
     (tmp_path / "cost.json").write_text(json.dumps([COST]))
@@ -86,19 +85,18 @@ def _run(accuracy=None, psnr=None, train_s=30.0, ended_s=100.0):
 
 
 def test_every_experiment_is_listed_and_the_two_targets_judged():
-    from gpu_runs import SEEDS  # benchmarks/, on the path once gpu_report is loaded
-
-    seeds = {name: _run(psnr=20.0, ended_s=150.0 + i) for i, name in enumerate(SEEDS)}
+    seeds = {name: _run(psnr=20.0, ended_s=150.0 + i) for i, name in enumerate(seed_experiments(load_params()))}
     runs = {"data_s": 17.0, "overrides": [], "experiments": {**seeds, "mnist_cae_plus": _run(psnr=40.0, train_s=None)}}
     fast = {"overrides": [], "experiments": {"cifar10_fast": _run(accuracy=0.9312, train_s=55.0)}}
     text = gpu_report.runs_section(runs, fast)
-    assert "| `mnist_cae_plus` | 5 | an earlier call | 20 s | 9 s | 100 s | PSNR 40.00 dB |" in text
+    assert "| `mnist_cae_plus` | 5 | an earlier run | 20 s | 9 s | 100 s | PSNR 40.00 dB |" in text
     assert "test accuracy 93.12% (target 93% on the JPEG copy), train stage 55 s (target 60 s): met" in text
-    assert "the last ended 155 s after they began, 172 s with the data stages, against the 300 s target (met)" in text
+    assert ("The 6 seed experiments, side by side with the others: the last ended 155 s after they began, 172 s with "
+            "the data stages, against the 300 s target (met)") in text
     slow = {"overrides": [], "experiments": {"cifar10_fast": _run(accuracy=0.95, train_s=61.0)}}
     assert "train stage 61 s (target 60 s): not met" in gpu_report.runs_section(runs, slow)
     partial = {**runs, "experiments": {"mnist_cae": seeds["mnist_cae"]}, "failed": ["experiment x: stopped"]}
     text = gpu_report.runs_section(partial, None)
-    assert "Seed experiments finished in this call: 1 of 6" in text and "Not finished in this call: experiment x" in text
+    assert "Seed experiments finished in this run: 1 of 6" in text and "Not finished in this run: experiment x" in text
     rehearsal = gpu_report.runs_section({**runs, "overrides": ["limits.max_epochs=1"]}, fast)
     assert "no verdicts" in rehearsal and "met" not in rehearsal.split("no verdicts")[1]

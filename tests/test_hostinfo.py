@@ -1,11 +1,8 @@
-"""benchmarks/hostinfo.py: what a benchmark records about its machine."""
+"""benchmarks/harness.py: what a benchmark records about its machine."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from hostinfo import VECTOR_FLAGS, host  # noqa: E402
+from benchmarks.harness import VECTOR_FLAGS, host, machine
 
 
 def test_host_names_the_cpu_and_only_the_vector_flags_it_has():
@@ -29,3 +26,13 @@ def test_gpus_are_listed_only_where_nvidia_smi_answers(tmp_path, monkeypatch):
     assert host()["gpus"] == ["NVIDIA H200, 580.159.04, 143771 MiB"]
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert host()["gpus"] == []
+
+
+def test_machine_adds_installed_versions_and_the_keras_backend_of_a_fresh_interpreter():
+    import importlib.metadata
+
+    info = machine("numpy", "no-such-package")
+    assert info["numpy"] == importlib.metadata.version("numpy") and info["no-such-package"] is None
+    assert info["keras"] == importlib.metadata.version("keras") and info[info["backend"]]
+    assert info["accelerator"] and info["cpu"] == host()["cpu"]
+    assert "keras" not in machine(keras=False)

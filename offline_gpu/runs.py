@@ -1,12 +1,12 @@
-"""Run experiments' train and evaluate stages side by side on one GPU machine.
+"""Run experiments' train and evaluate stages side by side on one GPU.
 
 ``dvc repro`` runs one stage at a time; on a GPU that small models leave
 mostly idle, several at once finish sooner. This runs the data stages the
 chosen experiments need, then ``train`` and ``evaluate`` of every chosen
 experiment at once (one process each, the GPU shared), with exactly the
 commands and output paths of ``dvc.yaml``, so that ``dvc commit`` on the
-same machine afterwards records them in ``dvc.lock`` as if ``dvc repro`` had
-run them (``benchmarks/gpu_session.sh`` does). It packs what the stages wrote,
+same node afterwards records them in ``dvc.lock`` as if ``dvc repro`` had
+run them (``offline_gpu/on_node.sh`` does). It packs what the stages wrote,
 less the models and checkpoints, into ``OUT/results.tar.gz`` for bringing
 home. The data files' md5 sums in ``OUT/summary.json`` must equal those in
 ``dvc.lock`` at home (the data stages are deterministic), or the outputs
@@ -17,7 +17,7 @@ of ``--det-experiment`` for ``--det-epochs`` epochs, half with XLA's default
 GPU kernels and half with ``--xla_gpu_deterministic_ops=true``; the spread of
 their test metrics goes into the summary.
 
-    KERAS_BACKEND=jax DATA_MIRROR=mirror python benchmarks/gpu_runs.py --out OUT \\
+    KERAS_BACKEND=jax DATA_MIRROR=mirror python -m offline_gpu.runs --out OUT \\
         mnist_denoise cifar10_cae_4pool cifar10_cae_3pool
 
 ``--set limits.max_epochs=1`` (repeatable) runs the same on a params copy:
@@ -41,10 +41,9 @@ from pathlib import Path
 
 import yaml
 
-log = logging.getLogger("gpu_runs")
-ROOT = Path(__file__).resolve().parents[1]
-# the five seed questions' experiments (the CIFAR-10 autoencoder question is two)
-SEEDS = ("mnist_cae", "mnist_denoise", "cifar10_cae_4pool", "cifar10_cae_3pool", "cifar10_cnn", "colored_mnist_cnn")
+from benchmarks.harness import ROOT, apply_overrides, data_needs, gpus, load_params, stage_command, stage_outputs
+
+log = logging.getLogger("offline_gpu.runs")
 
 
 class Deadline:
@@ -60,13 +59,10 @@ class Deadline:
 NO_DEADLINE = Deadline(None)
 
 
-def run_stage(name: str, target: str, *args: str, params: Path, logs: Path, env: dict, tag: str = "",
-              deadline: Deadline = NO_DEADLINE) -> None:
-    """Run ``python -m stages.<name> <target> ...``, its output in
-    ``logs/<name>.<target><tag>.log``; past the deadline it is stopped with
-    SIGTERM (train keeps its last checkpoint and resumes from it next time)."""
-    log_file = logs / f"{name}.{target}{tag}.log"
-    cmd = [sys.executable, "-m", f"stages.{name}", target, *args, "--params", str(params)]
+def run(cmd: list[str], label: str, log_file: Path, env: dict, deadline: Deadline = NO_DEADLINE) -> None:
+    """Run ``cmd`` in the project, its output in ``log_file``; past the
+    deadline it is stopped with SIGTERM (train keeps its last checkpoint and
+    resumes from it next time)."""
     with log_file.open("w") as handle:
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
         try:
@@ -78,10 +74,36 @@ def run_stage(name: str, target: str, *args: str, params: Path, logs: Path, env:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            raise SystemExit(f"gpu_runs: {name}@{target}{tag} stopped at the deadline (log: {log_file})") from None
+            raise SystemExit(f"offline_gpu.runs: {label} stopped at the deadline (log: {log_file})") from None
     if code != 0:
         sys.stderr.write(log_file.read_text()[-6000:])
-        raise SystemExit(f"gpu_runs: {name}@{target}{tag} failed with exit code {code} (log: {log_file})")
+        raise SystemExit(f"offline_gpu.runs: {label} failed with exit code {code} (log: {log_file})")
+
+
+def under(prefix: Path, cmd: list[str], outputs: list[str]) -> list[str]:
+    """``cmd`` with every word that names one of ``outputs``, a folder holding
+    one or a path inside one, moved under ``prefix``."""
+    def moved(word: str) -> bool:
+        return any(word == out or out.startswith(word + "/") or word.startswith(out + "/") for out in outputs)
+
+    return [str(prefix / word) if moved(word) else word for word in cmd]
+
+
+def experiment_outputs(name: str, item: dict) -> list[str]:
+    """What dvc.yaml's train@name and evaluate@name write."""
+    return [*stage_outputs("train", name, item), *stage_outputs("evaluate", name, item)]
+
+
+def run_stage(stage: str, key: str, item: dict, *, params: Path, logs: Path, env: dict, prefix: Path | None = None,
+              deadline: Deadline = NO_DEADLINE) -> None:
+    """dvc.yaml's command of ``stage@key`` with ``--params``, its output in
+    ``logs/<stage>.<key>[.<prefix name>].log``; with ``prefix``, the
+    experiment's outputs go under it instead of the project."""
+    cmd = stage_command(stage, key, item)
+    if prefix is not None:
+        cmd = under(prefix, cmd, experiment_outputs(key, item))
+    tag = f".{prefix.name}" if prefix is not None else ""
+    run([*cmd, "--params", str(params)], f"{stage}@{key}{tag}", logs / f"{stage}.{key}{tag}.log", env, deadline)
 
 
 def md5(path: Path) -> str:
@@ -92,85 +114,52 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_needs(params: dict, experiments: list[str]) -> tuple[list[str], list[str]]:
-    """The datasets to download/prepare and the corruptions to make for these experiments."""
-    datasets, corruptions = set(), set()
-    for name in experiments:
-        data = params["experiments"][name]["data"]
-        for ref in (data["input"], data["target"]):
-            kind, stem = ref.split("/", 1)
-            if kind == "corrupted":
-                corruptions.add(stem)
-                datasets.add(params["corruptions"][stem]["dataset"])
-            else:
-                datasets.add(stem)
-    return sorted(datasets), sorted(corruptions)
-
-
-def apply_overrides(params: dict, items: list[str], new_keys: bool = False) -> dict:
-    """Set each ``dotted.key=yaml-value`` in ``params`` (in place); only keys
-    that exist, or with ``new_keys`` also keys and sections that do not (an
-    option left at its default; the caller validates the result)."""
-    for item in items:
-        key, sep, value = item.partition("=")
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if new_keys:
-                node.setdefault(part, {})
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"--set {item}: params.yaml has no section '{part}' on the way to '{key}'")
-            node = node[part]
-        if not sep or (leaf not in node and not new_keys):
-            raise ValueError(f"--set {item}: expected KEY=VALUE" + ("" if new_keys else " with KEY an existing param"))
-        node[leaf] = yaml.safe_load(value)
-    return params
-
-
-def small_outputs(name: str) -> list[str]:
+def small_outputs(name: str, item: dict) -> list[str]:
     """What dvc.yaml's train@ and evaluate@ stages of ``name`` write, less the
-    model and its checkpoints (too large to bring back from the GPU machine;
+    model and its checkpoints (too large to bring back from the node;
     dvc.lock, committed there, records their md5)."""
-    return [f"models/{name}/history.json", f"models/{name}/run.json", f"metrics/{name}.json",
-            f"plots/{name}.json", f"reports/{name}"]
+    return [path for path, options in {**stage_outputs("train", name, item), **stage_outputs("evaluate", name, item)
+                                       }.items() if not path.endswith(".keras") and not options.get("persist")]
 
 
-def trained_here(model_dir: Path, checkpoints: Path) -> bool:
-    """Whether train finished here for this source commit (an earlier call on
-    the same machine, stopped in evaluate): its model is written, its
-    checkpoint complete and its run.json names ``IMAGEPIPE_SOURCE_COMMIT``."""
-    from stages.tracking import SOURCE_COMMIT
+def trained_here(model: Path, checkpoints: Path) -> bool:
+    """Whether train finished here for this source commit (an earlier run on
+    the same node, stopped in evaluate): its ``model`` is written, its
+    checkpoint complete and the run.json beside the model names
+    ``IMAGEPIPE_SOURCE_COMMIT``."""
+    from stages.provenance import SOURCE_COMMIT
 
     commit = os.environ.get(SOURCE_COMMIT)
     try:
         state = json.loads((checkpoints / "state.json").read_text())
-        ref = json.loads((model_dir / "run.json").read_text())
+        ref = json.loads((model.parent / "run.json").read_text())
     except (OSError, ValueError):
         return False
-    return (bool(commit) and (model_dir / "model.keras").is_file() and bool(state.get("complete"))
+    return (bool(commit) and model.is_file() and bool(state.get("complete"))
             and ref.get("trained", {}).get("git_commit") == commit)
 
 
-def train_and_evaluate(name: str, params: Path, logs: Path, env: dict, prefix: Path | None = None,
+def train_and_evaluate(name: str, item: dict, params: Path, logs: Path, env: dict, prefix: Path | None = None,
                        deadline: Deadline = NO_DEADLINE) -> dict:
-    """train@name then evaluate@name; with ``prefix`` the outputs go under it instead of the project."""
-    def path(rel: str) -> str:
-        return str(prefix / rel) if prefix else rel
+    """train@name then evaluate@name (``item``: the experiment's params); with
+    ``prefix`` the outputs go under it instead of the project."""
+    def path(rel: str) -> Path:
+        return ROOT / (prefix / rel if prefix else rel)  # ROOT / absolute = absolute
 
+    trains = stage_outputs("train", name, item)
+    model = next(out for out in trains if out.endswith(".keras"))
+    checkpoints = next(out for out, options in trains.items() if options.get("persist"))
+    [metrics_file] = stage_outputs("evaluate", name, item, fields=("metrics",))
     started = time.perf_counter()
-    tag = f".{prefix.name}" if prefix else ""
-    earlier = trained_here(ROOT / path(f"models/{name}"), ROOT / path(f"checkpoints/{name}"))
+    earlier = trained_here(path(model), path(checkpoints))
     if earlier:
-        log.info("train@%s: trained by an earlier call at this commit; evaluate only", name)
+        log.info("train@%s: trained by an earlier run at this commit; evaluate only", name)
     else:
-        run_stage("train", name, "--out", path(f"models/{name}"), "--checkpoints", path(f"checkpoints/{name}"),
-                  params=params, logs=logs, env=env, tag=tag, deadline=deadline)
+        run_stage("train", name, item, params=params, logs=logs, env=env, prefix=prefix, deadline=deadline)
     trained = time.perf_counter()
-    run_stage("evaluate", name, "--model", path(f"models/{name}"), "--metrics", path(f"metrics/{name}.json"),
-              "--reports", path(f"reports/{name}"), "--plots", path(f"plots/{name}.json"),
-              params=params, logs=logs, env=env, tag=tag, deadline=deadline)
+    run_stage("evaluate", name, item, params=params, logs=logs, env=env, prefix=prefix, deadline=deadline)
     done = time.perf_counter()
-    metrics = json.loads((ROOT / path(f"metrics/{name}.json")).read_text())  # ROOT / absolute = absolute
+    metrics = json.loads(path(metrics_file).read_text())
     return {"train_s": None if earlier else round(trained - started, 1), "evaluate_s": round(done - trained, 1),
             "test": metrics["test"], "epochs": metrics["epochs"], "trained": metrics.get("trained", {})}
 
@@ -190,10 +179,10 @@ def main() -> int:
     parser.add_argument("--data-only", action="store_true",
                         help="only the data stages the experiments (and the determinism runs) need")
     parser.add_argument("--no-data", action="store_true",
-                        help="no data stages: an earlier --data-only call made the data (only their md5 is taken)")
+                        help="no data stages: an earlier --data-only run made the data (only their md5 is taken)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = load_params()
     unknown = [name for name in args.experiments + [args.det_experiment] if name not in raw["experiments"]]
     if unknown:
         parser.error(f"no experiment {', '.join(unknown)} in params.yaml (known: {', '.join(raw['experiments'])})")
@@ -212,8 +201,6 @@ def main() -> int:
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
     summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overrides": args.set,
                      "backend": os.environ.get("KERAS_BACKEND", "tensorflow")}
-    from hostinfo import gpus  # benchmarks/, this script's folder
-
     summary["gpu"] = ", ".join(gpus()) or "none"
 
     def save() -> None:
@@ -223,13 +210,10 @@ def main() -> int:
     deadline = Deadline(args.deadline_s)
     started = time.perf_counter()
     for ds in [] if args.no_data else datasets:
-        run_stage("download", ds, "--out", f"data/raw/{ds}", params=params_file, logs=logs, env=env)
-        run_stage("prepare", ds, "--raw", f"data/raw/{ds}", "--out", f"data/prepared/{ds}.npz",
-                  params=params_file, logs=logs, env=env)
+        for stage in ("download", "prepare"):
+            run_stage(stage, ds, raw["datasets"][ds], params=params_file, logs=logs, env=env)
     for c in [] if args.no_data else corruptions:
-        ds = raw["corruptions"][c]["dataset"]
-        run_stage("corrupt", c, "--data", f"data/prepared/{ds}.npz", "--out", f"data/corrupted/{c}.npz",
-                  params=params_file, logs=logs, env=env)
+        run_stage("corrupt", c, raw["corruptions"][c], params=params_file, logs=logs, env=env)
     summary["data_s"] = round(time.perf_counter() - started, 1)
     summary["data_md5"] = {str(p.relative_to(ROOT)): md5(p) for p in sorted(
         [*(ROOT / "data/prepared").glob("*.npz"), *(ROOT / "data/corrupted").glob("*.npz")])}
@@ -252,8 +236,8 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=max(1, len(args.experiments) + args.det_runs)) as pool:
             jobs = {}
             for name in args.experiments:
-                jobs[pool.submit(train_and_evaluate, name, params_file, logs, env, None, deadline)] = (
-                    "experiment", name)
+                jobs[pool.submit(train_and_evaluate, name, raw["experiments"][name], params_file, logs, env, None,
+                                 deadline)] = ("experiment", name)
             for i in range(args.det_runs):
                 deterministic = i >= args.det_runs // 2
                 prefix = work / f"det{i}{'_xla_deterministic' if deterministic else ''}"
@@ -261,8 +245,8 @@ def main() -> int:
                 run_env = {**(det_env if deterministic else env),
                            "MLFLOW_TRACKING_URI": f"sqlite:///{prefix}/mlflow.db"}
                 prefix.mkdir()
-                jobs[pool.submit(train_and_evaluate, args.det_experiment, det_params, logs, run_env, prefix)] = (
-                    "determinism", prefix.name)
+                jobs[pool.submit(train_and_evaluate, args.det_experiment, det_raw["experiments"][args.det_experiment],
+                                 det_params, logs, run_env, prefix)] = ("determinism", prefix.name)
             wall = time.perf_counter()
             failed = []
             for future in as_completed(jobs):
@@ -283,14 +267,14 @@ def main() -> int:
                 log.info("%s %s: %s", kind, name, json.dumps(result))
         if failed:
             summary["failed"] = failed
-            raise SystemExit("gpu_runs: " + "; ".join(failed))
+            raise SystemExit("offline_gpu.runs: " + "; ".join(failed))
     finally:  # the logs and what finished come back also when a run failed
         with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
             tar.add(logs, arcname="logs")
         if not args.no_pack:
             with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
                 for name in summary["experiments"]:
-                    for rel in small_outputs(name):
+                    for rel in small_outputs(name, raw["experiments"][name]):
                         tar.add(ROOT / rel, arcname=rel)
         save()
     return 0

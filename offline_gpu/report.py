@@ -1,12 +1,13 @@
-"""Turn a GPU session's results (benchmarks/gpu_session.sh's OUT) into the
-markdown tables docs/benchmarks.md records.
+"""Turn what ``offline_gpu/on_node.sh`` measured on a GPU node (its OUT)
+into markdown tables.
 
-    python benchmarks/gpu_report.py OUT
+    python -m offline_gpu.report OUT
 
 Reads what the parts wrote, skipping parts that did not run: ``bench.json``
 (ours against the seed), ``cost.json`` (FLOPs and bytes per image),
-``options.tar.gz`` (one ``bench_train.py --ours-only`` result per option) and
-``seeds.json`` (``gpu_runs.py``'s summary). Achieved FLOP/s and bandwidth are
+``options.tar.gz`` (one ``benchmarks.bench_train --ours-only`` result per
+option), ``fast.json`` and ``runs.json`` (``offline_gpu.runs``' summaries), and
+``seeds.json`` (the same, of the seed experiments alone). Achieved FLOP/s and bandwidth are
 estimates: images per second (an epoch's training and validation images
 over its time) times XLA's per-image cost of a training step, so they
 overstate a little (a validation image costs a forward pass, a third of a
@@ -22,10 +23,10 @@ import sys
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks")]
+from benchmarks.bench_train import table
+from benchmarks.harness import load_params, read_results, seed_experiments
 
-SEED_TARGET_S = 300  # the issue's "every seed experiment in under 5 minutes in total"
+SEED_TARGET_S = 300  # the target: every seed experiment, train and evaluate, in under 5 minutes in total
 
 
 def achieved(images_per_s: float, cost: dict | None) -> str:
@@ -38,8 +39,6 @@ def achieved(images_per_s: float, cost: dict | None) -> str:
 
 
 def bench_section(bench: dict, costs: dict[str, dict]) -> str:
-    from bench_train import table
-
     def median_max(values) -> str:  # with checkpoint_interval_s most epochs write none: the max is one write
         return f"{statistics.median(values):.2f} / {max(values):.2f} s" if values else "n/a"
 
@@ -119,22 +118,24 @@ FAST = "cifar10_fast"
 FAST_ACCURACY, FAST_TRAIN_S = 0.93, 60  # on the JPEG copy of CIFAR-10; the train stage, compile included
 
 
-def runs_section(runs: dict, fast: dict | None) -> str:
+def runs_section(runs: dict, fast: dict | None, seeds: list[str] | None = None) -> str:
     """Every experiment of the ``fast`` and ``runs`` parts with its times and
     test figures, then the two targets they measure: ``cifar10_fast`` (alone
-    on the GPU) and the six seed experiments (side by side with the rest)."""
+    on the GPU) and the seed experiments (``seeds``, by default params.yaml's;
+    side by side with the rest)."""
+    seeds = seed_experiments(load_params()) if seeds is None else seeds
     experiments = {**runs.get("experiments", {}), **(fast or {}).get("experiments", {})}
     lines = ["| experiment | epochs | train stage | of which fit | evaluate stage | ended after | test |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(experiments.items()):
         fit = r.get("trained", {}).get("fit_seconds")
-        train = "an earlier call" if r["train_s"] is None else f"{r['train_s']:.0f} s"
+        train = "an earlier run" if r["train_s"] is None else f"{r['train_s']:.0f} s"
         lines.append(f"| `{name}` | {r['epochs']} | {train} | "
                      f"{'n/a' if fit is None else f'{fit:.0f} s'} | {r['evaluate_s']:.0f} s | "
                      f"{r.get('ended_s', 0):.0f} s | {headline(r['test'])} |")
     notes = []
     if runs.get("failed"):
-        notes.append("Not finished in this call: " + "; ".join(runs["failed"]) + ".")
+        notes.append("Not finished in this run: " + "; ".join(runs["failed"]) + ".")
     overrides = runs.get("overrides") or (fast or {}).get("overrides")
     if overrides:
         notes.append(f"With overrides {', '.join(overrides)}: not the experiments' settings, no verdicts.")
@@ -144,17 +145,15 @@ def runs_section(runs: dict, fast: dict | None) -> str:
         notes.append(f"`{FAST}` alone on the GPU: test accuracy {r['test']['accuracy']:.2%} (target "
                      f"{FAST_ACCURACY:.0%} on the JPEG copy), train stage {r['train_s'] or float('nan'):.0f} s (target "
                      f"{FAST_TRAIN_S} s): {'met' if met else 'not met'}.")
-    from gpu_runs import SEEDS  # benchmarks/, this script's folder
-
-    seeds = [experiments[name] for name in SEEDS if name in experiments]
-    if len(seeds) == len(SEEDS) and not overrides:
-        last = max(r.get("ended_s", 0) for r in seeds)
+    finished = [experiments[name] for name in seeds if name in experiments]
+    if len(finished) == len(seeds) and not overrides:
+        last = max(r.get("ended_s", 0) for r in finished)
         total = runs.get("data_s", 0) + last
-        notes.append(f"The six seed experiments, side by side with the others: the last ended {last:.0f} s after "
-                     f"they began, {total:.0f} s with the data stages, against the {SEED_TARGET_S} s target "
+        notes.append(f"The {len(seeds)} seed experiments, side by side with the others: the last ended {last:.0f} s "
+                     f"after they began, {total:.0f} s with the data stages, against the {SEED_TARGET_S} s target "
                      f"({'met' if total < SEED_TARGET_S else 'not met'}).")
     elif not overrides:
-        notes.append(f"Seed experiments finished in this call: {len(seeds)} of {len(SEEDS)}; no verdict on the "
+        notes.append(f"Seed experiments finished in this run: {len(finished)} of {len(seeds)}; no verdict on the "
                      f"{SEED_TARGET_S} s target.")
     return "\n".join(lines + [""] + notes)
 
@@ -168,8 +167,7 @@ def read_options(archive: Path) -> list[dict]:
 
 def report(out: Path) -> str:
     def load(name: str):
-        path = out / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_results(out / name)
 
     bench, seeds, runs, fast = load("bench.json"), load("seeds.json"), load("runs.json"), load("fast.json")
     costs = {c["experiment"]: c for c in (load("cost.json") or [])}
@@ -194,7 +192,7 @@ def report(out: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="the folder gpu_session.sh wrote (its OUT)")
+    parser.add_argument("out", type=Path, help="the folder offline_gpu/on_node.sh wrote (its OUT)")
     args = parser.parse_args(argv)
     if not args.out.is_dir():
         parser.error(f"{args.out}: not a folder")

@@ -1,24 +1,29 @@
-"""Pack what a GPU session needs to carry to the lent GPU machine.
+"""Build the kit that a GPU node without internet needs to run the pipeline.
 
-The lent machine has JAX with CUDA but neither this project's Python
-dependencies beyond its own image nor a network, and a call carries at most
-64 MiB of working tree. This script, run here before the session, fills an
-ignored folder (default ``.gpu/``) with:
+The node is assumed to have Python with JAX for CUDA and the common
+scientific packages, but neither the rest of this project's dependencies
+nor a network. This fills an ignored folder (default ``.gpu/``) with:
 
-* ``whl/``: wheels of the packages the stages import that the GPU image
-  lacks (``WHEELS``), at the versions installed here (so the carried set is
-  the one the tests ran with), for the machine's Python (``--python-version``,
-  3.12 there) and platform;
+* ``whl/``: wheels of the packages the stages import that such a node lacks
+  (``WHEELS``; with ``--dvc`` also DVC's, for ``dvc commit`` there), at the
+  versions installed here (the set the tests ran with), for the node's Python
+  (``--python-version``) and platform;
 * ``mirror/``: the offline dataset mirror's folders the chosen experiments
-  read (from ``DATA_MIRROR``), laid out as a mirror, so the data stages run
-  there unchanged with ``DATA_MIRROR=.gpu/mirror``;
+  read (from ``--mirror``, default ``DATA_MIRROR``), laid out as a mirror, so
+  the data stages run there unchanged with ``DATA_MIRROR=.gpu/mirror``;
+* ``experiments.txt``: the experiments to run there;
+* ``settings.txt``: the params (``KEY=VALUE``, as ``dvc exp run -S`` takes
+  them) the copy of the project runs with there: the mirror's source for
+  each dataset it holds only as a copy (CIFAR-10 as ``cifar10_jpeg``), and any
+  ``--set``;
 
-adds the folder to ``.git/info/exclude`` and checks the whole against the
-carry limit. ``benchmarks/gpu_session.sh`` then runs on the GPU machine with
-``carry: [".gpu"]``.
+adds the folder to ``.git/info/exclude`` and refuses a kit that, with the
+project's files, is over ``--max-mib`` (the most the transfer to the node
+may carry; 0: no limit). ``offline_gpu/on_node.sh`` then runs on the node.
 
-    DATA_MIRROR=../shared/datasets python benchmarks/gpu_kit.py
-    python benchmarks/gpu_kit.py --python-version 3.11 --dest /tmp/rehearsal   # a rehearsal here
+    DATA_MIRROR=../shared/datasets python -m offline_gpu.kit
+    DATA_MIRROR=../shared/datasets python -m offline_gpu.kit --dvc --experiments all --datasets mnist cifar10
+    python -m offline_gpu.kit --python-version 3.11 --dest /tmp/rehearsal   # to rehearse on this machine
 """
 
 from __future__ import annotations
@@ -32,22 +37,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from benchmarks.harness import ROOT, apply_overrides, data_needs, load_params, mirror_settings, seed_experiments
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+log = logging.getLogger("offline_gpu.kit")
 
-from gpu_runs import SEEDS, data_needs  # noqa: E402
+MAX_MIB = 64  # the default limit on the kit and the project's files together
 
-log = logging.getLogger("gpu_kit")
-
-CARRY_LIMIT = 64 * 2**20  # bytes a device call carries, working tree included
-
-# The stages' imports that the GPU image (device/KINDS.md: JAX, NumPy, SciPy,
-# Matplotlib, Pillow, PyYAML, requests, tqdm, pandas, pyarrow, protobuf,
-# click, cloudpickle, packaging, ...) does not have. MLflow as mlflow-skinny
-# (the same ``mlflow`` package without the UI's files; it has the SQLite
-# store and ``mlflow.keras``), which is what a run needs.
+# The stages' imports that a GPU node with JAX typically lacks (it is assumed
+# to have JAX, NumPy, SciPy, Matplotlib, Pillow, PyYAML, requests, tqdm,
+# pandas, pyarrow, protobuf, click, cloudpickle, packaging). MLflow as
+# mlflow-skinny (the same ``mlflow`` package without the UI's files; it has the
+# SQLite store and ``mlflow.keras``), which is what a run needs.
 WHEELS = (
     "keras", "namex", "optree",
     "mlflow-skinny", "mlflow-tracing", "sqlalchemy", "alembic", "mako", "greenlet",
@@ -57,7 +57,7 @@ WHEELS = (
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions",
     "cryptography", "cffi", "pycparser",
 )
-# DVC and what it needs beyond WHEELS and the GPU image, for ``dvc commit`` and
+# DVC and what it needs beyond WHEELS and the node's packages, for ``dvc commit`` and
 # ``dvc status`` there (``--dvc``), in a tree without .git (``core.no_scm``):
 # pygit2 (4.7 MiB) and dvc-task's Celery queue are left out, as neither runs
 # without git or a queue; antlr4-python3-runtime is a source package, built here
@@ -81,13 +81,14 @@ def pinned(names=WHEELS) -> list[str]:
         try:
             pins.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
-            raise SystemExit(f"gpu_kit: {name} is not installed here; install the project first "
+            raise SystemExit(f"offline_gpu.kit: {name} is not installed here; install the project first "
                              "(pip install -e '.[dev]')") from None
     return pins
 
 
 def mirror_dirs(params: dict, experiments: list[str]) -> list[str]:
-    """The mirror folders holding the datasets these experiments read."""
+    """The mirror folders holding the datasets these experiments read (with
+    ``params``' sources: the kit's settings applied)."""
     from stages.sources import SOURCES
 
     datasets, _ = data_needs(params, experiments)
@@ -95,7 +96,7 @@ def mirror_dirs(params: dict, experiments: list[str]) -> list[str]:
     for name in datasets:
         source = params["datasets"][name]["source"]
         if "builtin" not in source:
-            raise SystemExit(f"gpu_kit: datasets.{name} is not a builtin source; copy its files by hand")
+            raise SystemExit(f"offline_gpu.kit: datasets.{name} is not a builtin source; copy its files by hand")
         folders.append(SOURCES[source["builtin"]].mirror_dir)
     return sorted(set(folders))
 
@@ -105,7 +106,7 @@ def size(path: Path) -> int:
 
 
 def tree_size() -> int:
-    """What the working tree carries besides the kit: tracked and untracked,
+    """The project's files that travel with the kit: tracked and untracked,
     not ignored files."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.split(b"\0")
@@ -113,7 +114,7 @@ def tree_size() -> int:
 
 
 def exclude(dest: Path) -> None:
-    """Keep ``dest`` out of git (and so out of the tree that travels uncarried)."""
+    """Keep ``dest`` out of git (and out of :func:`tree_size`'s count)."""
     try:
         rel = dest.resolve().relative_to(ROOT)
     except ValueError:
@@ -126,21 +127,37 @@ def exclude(dest: Path) -> None:
         exclude_file.write_text("\n".join([*lines, entry]) + "\n")
 
 
+def settings(params: dict, extra: list[str]) -> list[str]:
+    """The kit's params settings: the mirror's copies, then ``extra``."""
+    return [*mirror_settings(params), *extra]
+
+
 def main(argv=None) -> int:
+    params = load_params()
+    seeds = seed_experiments(params)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiments", nargs="+", default=list(SEEDS),
-                        help="default: the six seed experiments; 'all': every experiment whose data is in the mirror "
-                             "folders of --datasets")
+    parser.add_argument("--experiments", nargs="+", default=seeds,
+                        help=f"default: the seed experiments ({' '.join(seeds)}); 'all': every experiment whose "
+                             "data is in the mirror folders of --datasets")
     parser.add_argument("--datasets", nargs="+", help="with --experiments all: the datasets to carry")
     parser.add_argument("--dest", type=Path, default=ROOT / ".gpu")
-    parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default %(default)s)")
+    parser.add_argument("--python-version", default="3.12", help="the node's Python (default %(default)s)")
     parser.add_argument("--mirror", default=os.environ.get("DATA_MIRROR"), help="default: $DATA_MIRROR")
     parser.add_argument("--dvc", action="store_true", help="also DVC's wheels, for dvc commit there")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param the project runs with there (repeatable), beside the mirror's sources")
+    parser.add_argument("--max-mib", type=float, default=MAX_MIB,
+                        help="the most the kit and the project's files may weigh together, in MiB: what the "
+                             "transfer to the node carries (default %(default)s; 0: no limit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.mirror or not Path(args.mirror).is_dir():
         parser.error(f"--mirror/DATA_MIRROR: {args.mirror!r} is not a folder (the offline dataset mirror)")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    kit_settings = settings(params, args.set)
+    try:
+        apply_overrides(params, kit_settings)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.experiments == ["all"]:
         if not args.datasets:
             parser.error("--experiments all needs --datasets")
@@ -151,7 +168,7 @@ def main(argv=None) -> int:
         parser.error(f"no experiment {', '.join(unknown)} in params.yaml")
 
     staging = args.dest.with_name(args.dest.name + ".partial")
-    exclude(args.dest), exclude(staging)  # neither travels as part of the working tree
+    exclude(args.dest), exclude(staging)  # neither travels as part of the project's files
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "whl").mkdir(parents=True)
     platforms = [flag for p in PLATFORMS for flag in ("--platform", p)]
@@ -165,19 +182,20 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(staging / "whl"),
                         *source], check=True)
     (staging / "experiments.txt").write_text("\n".join(args.experiments) + "\n")
+    (staging / "settings.txt").write_text("".join(f"{item}\n" for item in kit_settings))
     for folder in mirror_dirs(params, args.experiments):
         shutil.copytree(Path(args.mirror) / folder, staging / "mirror" / folder)
     kit, tree = size(staging), tree_size()
-    log.info("kit %.1f MiB (wheels %.1f, mirror %.1f) + working tree %.1f MiB of the %d MiB a call carries",
-             kit / 2**20, size(staging / "whl") / 2**20, size(staging / "mirror") / 2**20, tree / 2**20,
-             CARRY_LIMIT // 2**20)
-    if kit + tree > CARRY_LIMIT:
+    limit = f"of the {args.max_mib:g} MiB limit" if args.max_mib else "(no limit)"
+    log.info("kit %.1f MiB (wheels %.1f, mirror %.1f) + the project's files %.1f MiB %s",
+             kit / 2**20, size(staging / "whl") / 2**20, size(staging / "mirror") / 2**20, tree / 2**20, limit)
+    if args.max_mib and kit + tree > args.max_mib * 2**20:
         shutil.rmtree(staging)
-        raise SystemExit(f"gpu_kit: {(kit + tree) / 2**20:.1f} MiB is over the {CARRY_LIMIT // 2**20} MiB a call "
-                         "carries; choose fewer experiments (their datasets) and run it again")
+        raise SystemExit(f"offline_gpu.kit: {(kit + tree) / 2**20:.1f} MiB is over the {args.max_mib:g} MiB of "
+                         "--max-mib; choose fewer experiments (their datasets), or raise the limit")
     shutil.rmtree(args.dest, ignore_errors=True)
     staging.rename(args.dest)
-    log.info("ready: %s (carry it as %r)", args.dest, args.dest.name)
+    log.info("ready: %s (settings: %s)", args.dest, ", ".join(kit_settings) or "none")
     return 0
 
 
