@@ -3,8 +3,10 @@
 Copies the working tree (tracked files, uncommitted edits included) into a
 temporary git repository, runs ``dvc exp run -S limits.max_epochs=2 -S
 limits.max_samples={train:8000,val:2000,test:2000}`` there against the offline
-mirror (most seed models train on train+val and validate on test: 10,000
-images to train on, 2,000 scored), and checks what it wrote: every
+mirror, with CIFAR-10 from the JPEG copy the mirror holds (``-S
+datasets.cifar10.source.builtin=cifar10_jpeg``; most seed models train on
+train+val and validate on test: 10,000 images to train on, 2,000 scored),
+and checks what it wrote: every
 experiment's metrics file exists with finite values, the autoencoders beat a
 PSNR floor, the classifiers beat chance (the deliberately broken
 colored-MNIST model excepted), the report exists, every MLflow run finished,
@@ -18,11 +20,11 @@ reconstruction grid, the compare view) and the HTML report, and checks that
 they show what the store holds (``tests/ui_check.py``); ``--screenshots DIR``
 keeps what it saw (the README's pictures come from there).
 
-Experiments: every one in params.yaml except those in ``SLOW_ON_CPU`` (or
-``--skip``): the improved models (residual autoencoders, ResNets) train at
-25-130 images/s on the 2-core CI machine, so even 2 epochs of 10,000 images
-each would take CI past its 30 minutes; nor the red-only robustness check
-(``SKIPPED_IN_CI``), three stages for a model the smoke trains anyway.
+Experiments: every one in params.yaml except those :func:`slow_on_cpu` names
+(or ``--skip``): the residual autoencoders and ResNets train at 25-130
+images/s on a 2-core CI runner, so even 2 epochs of 10,000 images each would
+take CI past its 30 minutes; nor the red-only robustness check
+(``NOT_IN_CI``), three stages for a model the smoke trains anyway.
 Their code is covered on tiny data by
 the tests (``tests/test_train.py`` trains, evaluates and kill-resumes a ResNet
 with its whole recipe), their real-data runs are the README's. Skipped
@@ -34,7 +36,8 @@ main (refresh it with ``--update-baseline``). They are committed in the copy
 as its ``metrics/`` before the run, so ``dvc metrics diff`` afterwards is the
 change against main; a test PSNR lower by more than
 ``report.regression.psnr_db`` or a test accuracy lower by more than
-``report.regression.accuracy`` (params.yaml) fails the run.
+``report.regression.accuracy`` (params.yaml, read through the stages' params
+validator, ``stages.params``) fails the run.
 
     DATA_MIRROR=../shared/datasets python .ci/smoke.py [--keep DIR] [--report DIR]
     python .ci/smoke.py --official      # official hosts, CIFAR-10 from its python archive
@@ -43,6 +46,7 @@ change against main; a test PSNR lower by more than
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -55,6 +59,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from stages import params as params_mod
 
 log = logging.getLogger("smoke")
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,25 +78,48 @@ PSNR_FLOOR = {"prepared/mnist": 12.0, "prepared/fashion_mnist": 12.0, "prepared/
 DENOISE_GAIN_FLOOR = 3.0  # dB over the noisy input
 GREY_GAIN_FLOOR = 0.0  # colorization: dB over the grey input (not a denoiser: a small gain is expected)
 ACCURACY_FLOOR = 0.25  # chance is 0.1 on all ten-class datasets here
-# measured on this 2-core VM, 2026-11-28 (images/s in training, TensorFlow CPU)
 # left out of the regression check: the broken model's accuracy depends on
 # which logits happen to die (nor has it an accuracy floor), and a model trained
 # on red digits only on what it makes of colours it never saw
 UNSTABLE = ("_broken", "_red_only")
-SLOW_ON_CPU = ("cifar10_cae_4pool_plus",   # 25
-               "cifar10_cae_3pool_plus",   # 66
-               "cifar10_colorize",         # 50
-               "cifar10_cnn_plus",         # 23
-               "mnist_denoise_plus",       # 100
-               "fashion_mnist_cae_plus",   # 133
-               "mnist_cae_plus",           # 128
-               "colored_mnist_cnn_plus",   # 100
-               "fashion_mnist_cnn_plus",   # 50
-               "cifar10_fast")             # cifar10_cnn_plus's network, for a GPU
+# the models too slow for 2 epochs on a CPU CI runner; training images/s on a
+# 2-core runner (TensorFlow CPU, 2026-11-28): residual autoencoders 25-133
+# (cifar10_cae_4pool_plus 25, cifar10_colorize 50, mnist_cae_plus 128), ResNets
+# 23-100 (cifar10_cnn_plus 23, colored_mnist_cnn_plus 100; cifar10_fast is
+# cifar10_cnn_plus's network made for a GPU)
+SLOW_MODELS = ("residual_autoencoder", "resnet")
 # not slow, but three stages (its corruption, train, evaluate) for a model the
 # smoke already trains as colored_mnist_cnn; the tests cover its one-colour
 # corruption and per-colour accuracy, the README has its full run
-SKIPPED_IN_CI = SLOW_ON_CPU + ("colored_mnist_red_only",)
+NOT_IN_CI = ("colored_mnist_red_only",)
+# the offline mirror holds CIFAR-10 as its JPEG copy only (params.yaml names the
+# official archive): the smoke on the mirror selects the copy
+MIRROR_SOURCE = "datasets.cifar10.source.builtin=cifar10_jpeg"
+
+
+def slow_on_cpu(params: dict) -> list[str]:
+    """The experiments whose model is one of ``SLOW_MODELS``."""
+    return [name for name, exp in params["experiments"].items() if exp["model"]["kind"] in SLOW_MODELS]
+
+
+def skipped_in_ci(params: dict) -> list[str]:
+    """What the smoke leaves out by default: :func:`slow_on_cpu`, and ``NOT_IN_CI``."""
+    return slow_on_cpu(params) + [name for name in NOT_IN_CI if name in params["experiments"]]
+
+
+def regression_limits(params_file: Path) -> params_mod.Regression:
+    """``report.regression`` of a params.yaml, validated and with its
+    defaults as the stages read it (an invalid one raises ``ParamsError``)."""
+    return params_mod.load(params_file).report.regression
+
+
+def tests_helper(name: str):
+    """A helper module of tests/ (the MLflow server, the browser check), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -235,8 +264,9 @@ def check_server(server, names: set[str]) -> list[str]:
 def check_ui(server, project: Path, experiments: dict, shots: Path | None) -> list[str]:
     """What users look at, in a real headless Chromium (tests/ui_check.py): the
     MLflow UI over the smoke's store (when it has a server) and the report."""
-    import ui_check
-    from stages.tracking import EXPERIMENTS
+    from stages.mlflow_store import EXPERIMENTS
+
+    ui_check = tests_helper("ui_check")
 
     started = time.perf_counter()
     expected = {}
@@ -274,9 +304,10 @@ def main() -> int:
                              "SQLite file")
     parser.add_argument("--screenshots", type=Path,
                         help="save the browser check's screenshots (MLflow UI, report) into this folder")
-    parser.add_argument("--skip", nargs="*", default=list(SKIPPED_IN_CI), metavar="EXPERIMENT",
+    skipped = skipped_in_ci(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    parser.add_argument("--skip", nargs="*", default=skipped, metavar="EXPERIMENT",
                         help="experiments left out of the run (default: the ones too slow for a CPU CI and "
-                             f"the red-only robustness check: {', '.join(SKIPPED_IN_CI)}); --skip with no name "
+                             f"the red-only robustness check: {', '.join(skipped)}); --skip with no name "
                              "runs them all")
     parser.add_argument("--official", action="store_true",
                         help="download from the official hosts (no mirror); CIFAR-10 from cifar-10-python.tar.gz")
@@ -296,6 +327,7 @@ def main() -> int:
             raise SystemExit(f"smoke: data mirror {mirror} not found; set DATA_MIRROR to the offline mirror "
                              "(or pass --official on a machine that reaches the dataset hosts)")
         env["DATA_MIRROR"] = mirror if "://" in mirror else str(Path(mirror).resolve())
+        overrides.append(MIRROR_SOURCE)
     env.pop("MLFLOW_TRACKING_URI", None)  # the project's own SQLite store, inside the copy
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="smoke-"))
@@ -303,15 +335,14 @@ def main() -> int:
     started = time.perf_counter()
     server = None
     try:
-        sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
         if args.tracking == "server":  # a real server over HTTP: SQLite backend, artifacts served by it
-            from mlflow_server import MlflowServer
-
-            server = MlflowServer(work.parent / f"{work.name}-mlflow-server").start()
+            server = tests_helper("mlflow_server").MlflowServer(work.parent / f"{work.name}-mlflow-server").start()
             env["MLFLOW_TRACKING_URI"] = server.url
             log.info("logging to a real mlflow server at %s", server.url)
         compare = BASELINE.is_dir() and not args.update_baseline
         copy_tree(work, BASELINE if compare else None, set(args.skip))
+        # the copy's params as the stages read them: a bad report.regression fails before the run
+        regression = regression_limits(work / "params.yaml")
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout
         problems = check(work, args.max_epochs, server)
@@ -321,9 +352,8 @@ def main() -> int:
         kept_metrics = {path.name: path.read_bytes() for path in sorted(work.glob("metrics/*.json"))
                         if path.stem in params["experiments"]}
         if compare:
-            regression = params.get("report", {}).get("regression", {})
             diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=work, env=env).stdout or "{}")
-            problems += regressions(diff, regression.get("psnr_db", 0.5), regression.get("accuracy", 0.02))
+            problems += regressions(diff, regression.psnr_db, regression.accuracy)
             diff_md = sh("dvc", "metrics", "diff", "--md", "--precision", "4", cwd=work, env=env).stdout
             (work / "reports" / "metrics-diff.md").write_text(
                 "## Smoke metrics against the baseline (`dvc metrics diff`)\n\n" + (diff_md or "No change.\n"))

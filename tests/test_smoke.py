@@ -37,6 +37,34 @@ def test_regressions_beyond_the_thresholds_fail_and_small_or_upward_changes_pass
     assert smoke.regressions({}, 0.5, 0.02) == []
 
 
+def test_the_regression_limits_are_read_through_the_params_validator(tmp_path):
+    import pytest
+
+    from stages.params import ParamsError
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"report": {"regression": {"psnr_db": 0.3}}}))
+    limits = smoke.regression_limits(path)
+    assert (limits.psnr_db, limits.accuracy) == (0.3, 0.02)  # the validator's default for what is not set
+    path.write_text(yaml.safe_dump({"limits": {"max_epochs": 1}}))
+    assert (smoke.regression_limits(path).psnr_db, smoke.regression_limits(path).accuracy) == (0.5, 0.02)
+    path.write_text(yaml.safe_dump({"report": {"regression": {"accuracy": 2.0}}}))
+    with pytest.raises(ParamsError, match="report.regression.accuracy"):
+        smoke.regression_limits(path)
+    path.write_text(yaml.safe_dump({"report": {"regresion": {}}}))
+    with pytest.raises(ParamsError, match="did you mean 'regression'"):
+        smoke.regression_limits(path)
+    repo = smoke.regression_limits(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert repo.psnr_db > 0 and 0 < repo.accuracy < 1
+
+
+def test_the_residual_autoencoders_and_resnets_are_left_out_on_the_cpu():
+    params = {"experiments": {"small": {"model": {"kind": "cnn"}}, "res": {"model": {"kind": "resnet"}},
+                              "res_ae": {"model": {"kind": "residual_autoencoder"}},
+                              "colored_mnist_red_only": {"model": {"kind": "cnn"}}}}
+    assert smoke.skipped_in_ci(params) == ["res", "res_ae", "colored_mnist_red_only"]
+
+
 def test_new_experiments_without_a_baseline_are_not_regressions():
     diff = {"metrics/new_one.json": {"test.psnr": {"old": None, "new": 12.0}}}
     assert smoke.regressions(diff, 0.5, 0.02) == []
