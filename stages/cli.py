@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,15 @@ from pathlib import Path
 from stages.errors import PipelineError
 
 log = logging.getLogger("stages")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``dvc`` stopping a stage, a CI job cancelled): unwound like
+    Ctrl-C, so outputs being written are removed and an open MLflow run ends KILLED."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def setup_logging() -> None:
@@ -77,6 +88,8 @@ def run(
     configure(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     started = time.perf_counter()
     try:
         outputs = body(args)
@@ -85,9 +98,12 @@ def run(
         if advice := next_step(exc):
             log.error("%s: what to do: %s", stage, advice)
         return 1
-    except KeyboardInterrupt:
-        log.error("%s interrupted", stage)
-        return 130
+    except KeyboardInterrupt as exc:
+        log.error("%s %s", stage, "terminated" if isinstance(exc, Terminated) else "interrupted")
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     elapsed = time.perf_counter() - started
     if outputs:
         log.info("%s done in %.1f s: %s", stage, elapsed, describe_outputs(outputs))

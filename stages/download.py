@@ -25,13 +25,13 @@ from pathlib import Path, PurePosixPath
 from stages import atomic, cli, params as params_mod
 from stages.archives import is_archive, members, verify_archive
 from stages.fetch import (
-    ChecksumError, FetchError, Transport, check_sha256, copy_verified, fetch, local_path, redact, sha256_file,
+    ChecksumError, FetchError, Transport, check_sha256, copy_verified, fetch, local_path, sha256_file,
 )
-from stages.sources import SOURCES, location
+from stages.sources import MANIFEST, SOURCES, location
+from stages.urls import redact
 
 log = logging.getLogger("stages.download")
 
-MANIFEST = "manifest.json"
 
 
 def resolve_mirror(configured: str | None) -> str | None:

@@ -5,12 +5,17 @@ compression ratio and a PCA baseline PSNR at the same latent size (and, for
 denoising, the PSNR of the noisy input). Classifiers: accuracy, loss,
 per-class accuracy and the confusion matrix. The same numbers go to
 ``metrics/<experiment>.json`` (DVC metrics) and to the experiment's MLflow
-run (the one train logged into), with the images in ``reports/<experiment>/``
-and the per-epoch curves in ``plots/<experiment>.json`` (DVC plots).
+run (the one train logged into), with the images in
+``reports/experiments/<experiment>/``. DVC plots data goes to
+``plots/<task>/<experiment>.json`` (the per-epoch curves) and
+``plots/<task>_test/<experiment>.csv`` (on the test split: an autoencoder's
+PSNR at each percentile of its images, a classifier's confusion rows).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -22,11 +27,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import stages.recipes  # noqa: E402,F401 - registers the schedules and loss that saved models name
-from stages import atomic, cli, corruptions, metrics, params as params_mod, plots, tracking  # noqa: E402
+from stages import atomic, cli, corruptions, metrics, params as params_mod, plots  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
 from stages.experiment_data import ExperimentData  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.models import model_latent_shape  # noqa: E402
+from stages.mlflow_run import load_run_ref, tracked_run  # noqa: E402
+from stages.mlflow_store import EXPERIMENTS, failures  # noqa: E402
+from stages.models import latent_shape  # noqa: E402
 
 log = logging.getLogger("stages.evaluate")
 
@@ -50,13 +57,39 @@ def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 256) -> n
     return out
 
 
-def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
+def csv_text(header: tuple[str, ...], rows) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def psnr_percentiles_csv(per_image_mse: np.ndarray) -> str:
+    """The test images' PSNR at each percentile 0..100 (``percentile,psnr_db``): the
+    spread behind the mean, worst images first, drawn as one curve per experiment."""
+    values = np.percentile(metrics.psnr_of_mse(per_image_mse), np.arange(101))
+    return csv_text(("percentile", "psnr_db"), ((p, round(float(v), 4)) for p, v in enumerate(values)))
+
+
+def confusion_csv(class_names: list[str], matrix) -> str:
+    """A confusion matrix as the rows DVC's confusion template counts: one
+    ``actual,predicted`` line per test image (rows of the matrix: actual)."""
+    if len(matrix) != len(class_names) or any(len(row) != len(class_names) for row in matrix):
+        raise ValueError(f"a {len(class_names)}-class confusion matrix must be "
+                         f"{len(class_names)}x{len(class_names)}")
+    return csv_text(("actual", "predicted"), ((actual, predicted) for actual, row in zip(class_names, matrix)
+                                              for predicted, count in zip(class_names, row)
+                                              for _ in range(int(count))))
+
+
+def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) -> tuple[dict, str]:
     # targets and inputs stay uint8 (the metrics scale them a chunk at a time);
     # the predictions are the only float copy of the test set, clipped in place
     # once the scores of the raw output are taken
     test = data.split("test")
     target, output = test.y, predict(model, test.x)
-    latent = model_latent_shape(exp.model.spec(), target.shape[1:])
+    latent = latent_shape(exp.model, target.shape[1:])
     train_targets = data.target_images(*exp.data.train_on.split("+"))
     latent_size = int(np.prod(latent))
     denoising = exp.data.input != exp.data.target
@@ -92,7 +125,7 @@ def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) ->
         grid["corrupted input"] = test.x[:GRID_IMAGES]
     grid["reconstruction"] = image[:GRID_IMAGES]
     plots.reconstruction_grid(grid, folder / "reconstructions.png", max_images=GRID_IMAGES)
-    return results
+    return results, psnr_percentiles_csv(image_mse)
 
 
 def colour_accuracy(images: np.ndarray, correct: np.ndarray) -> dict[str, float]:
@@ -102,7 +135,7 @@ def colour_accuracy(images: np.ndarray, correct: np.ndarray) -> dict[str, float]
             for i, colour in enumerate(("red", "green", "blue")) if (channel == i).any()}
 
 
-def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> dict:
+def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> tuple[dict, str]:
     test = data.split("test")
     probabilities = predict(model, test.x)
     labels = test.y
@@ -127,16 +160,16 @@ def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> 
     corruption = data.meta.get("corruption") or {}
     if corruption.get("kind") == "colorize" and corruption.get("mode") == "channel":
         results.update(colour_accuracy(test.x, predicted == labels))
-    return {**results, **extra}
+    return {**results, **extra}, confusion_csv(data.class_names, cm)
 
 
 def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file: Path,
-             reports: Path, plots_file: Path) -> dict:
+             reports: Path, plots_dir: Path) -> dict:
     import mlflow
 
     exp = params_mod.experiment(params, name)
     data = ExperimentData(name, exp)
-    ref = tracking.load_run_ref(model_dir / "run.json")
+    ref = load_run_ref(model_dir / "run.json")
     try:
         model = keras.models.load_model(model_dir / "model.keras")
         history = json.loads((model_dir / "history.json").read_text())
@@ -147,7 +180,7 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
     # everything is written under temporary names and renamed only after the
     # MLflow run took it: a failed or killed evaluate leaves no outputs
     with atomic.replacing(reports, directory=True) as staging:
-        results = compute(name, exp, data, model, staging)
+        results, test_plot = compute(name, exp, data, model, staging)
         results = {key: round(float(value), 6) for key, value in results.items()}
         epochs = len(next(iter(history.values()), []))
         plots.loss_curves(history, staging / "curves.png")
@@ -158,15 +191,15 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
         if "trained" in ref:  # where, with what and how long the model was trained (train's run.json)
             summary["trained"] = ref["trained"]
         records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]
-        tracking.connect(exp.task)
-        tracking.start_run(ref["run_id"], name)
-        with tracking.ending_run(f"evaluate {name}"):
+        with tracked_run(EXPERIMENTS[exp.task], f"evaluate {name}", run_id=ref["run_id"], name=name), \
+                failures(f"evaluate {name}"):
             mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
             mlflow.log_artifacts(str(staging), "evaluation")
             mlflow.log_dict(summary, f"evaluation/{metrics_file.name}")
             mlflow.set_tag("evaluated_by", f"evaluate@{name}")
         atomic.write_text(metrics_file, json.dumps(summary, indent=2) + "\n")
-        atomic.write_text(plots_file, json.dumps(records, indent=2) + "\n")
+        atomic.write_text(plots_dir / exp.task / f"{name}.json", json.dumps(records, indent=2) + "\n")
+        atomic.write_text(plots_dir / f"{exp.task}_test" / f"{name}.csv", test_plot)
     log.info("evaluate %s: %s", name, {k: v for k, v in results.items() if not k.startswith("class_")})
     return summary
 
@@ -176,14 +209,19 @@ def main(argv=None) -> int:
         parser.add_argument("experiment", help="an experiment named under 'experiments' in params.yaml")
         parser.add_argument("--model", type=Path, help="train output folder (default: models/<experiment>)")
         parser.add_argument("--metrics", type=Path, help="metrics file (default: metrics/<experiment>.json)")
-        parser.add_argument("--reports", type=Path, help="images folder (default: reports/<experiment>)")
-        parser.add_argument("--plots", type=Path, help="curves file (default: plots/<experiment>.json)")
+        parser.add_argument("--reports", type=Path, help="images folder (default: reports/experiments/<experiment>)")
+        parser.add_argument("--plots", type=Path, default=Path("plots"),
+                            help="DVC plots folder: writes <task>/<experiment>.json and <task>_test/<experiment>.csv "
+                                 "(default: plots)")
 
     def body(args):
         name = args.experiment
-        outputs = [args.metrics or Path("metrics") / f"{name}.json", args.reports or Path("reports") / name,
-                   args.plots or Path("plots") / f"{name}.json"]
-        evaluate(name, params_mod.load(args.params), args.model or Path("models") / name, *outputs)
+        params = params_mod.load(args.params)
+        task = params_mod.experiment(params, name).task
+        outputs = [args.metrics or Path("metrics") / f"{name}.json",
+                   args.reports or Path("reports/experiments") / name,
+                   args.plots / task / f"{name}.json", args.plots / f"{task}_test" / f"{name}.csv"]
+        evaluate(name, params, args.model or Path("models") / name, *outputs[:2], args.plots)
         return outputs
 
     return cli.run("evaluate", __doc__, body, configure, argv)

@@ -7,9 +7,9 @@ that each module stays small. Each experiment names its data by path stem:
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Positive = Annotated[int, Field(ge=1)]
 DataRef = Annotated[str, Field(pattern=r"^(prepared|corrupted)/[A-Za-z0-9_.-]+$")]
@@ -29,7 +29,7 @@ class Data(_Strict):
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 # batch norm's moving statistics keep this share per step (Keras' default 0.99;
-# 0.9 for runs of a few hundred steps, see stages.models.ResNetSpec)
+# 0.9 for runs of a few hundred steps, see ResNet)
 BnMomentum = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
@@ -85,21 +85,6 @@ class Training(_Strict):
                              "(the replicas' batches are split from host arrays)")
         return self
 
-    # options added after experiments had been trained, left out of the dump
-    # while at their defaults: the dumped config of an experiment that does not
-    # use them, which train's checkpoint fingerprint hashes, stays what it was
-    # before they existed (those checkpoints still resume)
-    _ABSENT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("gradient_accumulation_steps", "data_on_device",
-                                                     "checkpoint_interval_s")
-
-    @model_serializer(mode="wrap")
-    def _later_options_left_out(self, handler):
-        data = handler(self)
-        for key in self._ABSENT_AT_DEFAULT:
-            if getattr(self, key) == type(self).model_fields[key].default:
-                data.pop(key, None)
-        return data
-
 
 class ConvAutoencoder(_Strict):
     kind: Literal["conv_autoencoder"]
@@ -114,15 +99,30 @@ class ConvAutoencoder(_Strict):
             raise ValueError(f"poolings={self.poolings} exceeds the {len(self.filters)} conv levels")
         return self
 
-    def spec(self):
-        from stages.models import AutoencoderSpec  # keras stays out of the data stages' start-up
-
-        return AutoencoderSpec(tuple(self.filters), self.poolings, self.activation, self.output_activation)
 
 
 class ResidualAutoencoder(_Strict):
-    """Batch norm, stride-2 convs and residual blocks; ``filters[i]`` is the
-    width after ``i`` halvings, so ``len(filters) - 1`` is the poolings."""
+    """Batch norm, stride-2 convs and residual blocks. ``filters[i]`` is the
+    width after ``i`` halvings (so ``len(filters) - 1`` is the poolings) and
+    ``blocks[i]`` the residual blocks at that level, in the encoder and again
+    in the decoder. The bottleneck is a linear 1x1 conv to ``latent_channels``
+    (so the latent can have a seed model's shape); the decoder doubles back
+    with transposed convs.
+
+    ``linear_path``: a frozen linear encoder and decoder beside the conv ones,
+    set to the PCA of the training images; the conv encoder adds to the PCA
+    codes and the conv decoder adds a correction to the PCA reconstruction,
+    both starting at zero, so training starts from the linear optimum at this
+    latent size instead of from noise. ``input_skip``: the output is the
+    input plus the decoder's correction (corruption tasks such as
+    colorization, where the input already holds most of the target).
+    ``refiner``: widths of full-resolution 3x3 ReLU convs that read that image
+    and add their own zero-initialized correction: a non-linear decoder in
+    the image domain, which can sharpen edges that a linear decoder leaves
+    blurred (the conv decoder alone gets almost no gradient from a PCA start:
+    its features see only the codes, of which the PCA residual is no linear
+    function).
+    """
 
     kind: Literal["residual_autoencoder"]
     filters: Annotated[tuple[Positive, ...], Field(min_length=1)]
@@ -155,12 +155,6 @@ class ResidualAutoencoder(_Strict):
     def poolings(self) -> int:
         return len(self.filters) - 1
 
-    def spec(self):
-        from stages.models import ResidualAutoencoderSpec
-
-        return ResidualAutoencoderSpec(tuple(self.filters), tuple(self.blocks), self.latent_channels,
-                                       self.output_activation, self.linear_path, self.input_skip,
-                                       tuple(self.refiner), self.bn_momentum)
 
 
 class Block(_Strict):
@@ -180,12 +174,6 @@ class Cnn(_Strict):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     logits_activation: Literal["relu"] | None = None  # "relu": the colored-MNIST bug
 
-    def spec(self, num_classes: int):
-        from stages.models import ClassifierSpec, ConvBlock
-
-        blocks = tuple(ConvBlock(b.filters, b.kernel_size, b.activation, b.padding, b.pool) for b in self.conv)
-        return ClassifierSpec(blocks, num_classes, self.initializer, tuple(self.dense),
-                              self.dense_activation, self.dropout, self.logits_activation)
 
 
 class Stage(_Strict):
@@ -201,8 +189,16 @@ class Augment(_Strict):
 
 class ResNet(_Strict):
     """ResNet-9 style: stem conv, stages (conv-BN-ReLU, pooling, residual
-    blocks), global max pooling, dense logits times ``logit_scale``; the
-    augmentation layers run inside the model, on the accelerator, in training only."""
+    blocks), global max pooling, dense logits times ``logit_scale``. The
+    augmentation (random horizontal flips, shifts by up to ``translate`` of the
+    side rounded to whole pixels and zero-filled: a padded random crop) runs
+    inside the model, on the accelerator, in training only.
+
+    ``bn_momentum`` (both batch-norm kinds): the share of the moving statistics
+    kept at each step. Keras' 0.99 still holds 0.99**n of the initial mean 0
+    and variance 1 after n steps (37% after 98, one CIFAR-10 epoch at batch
+    512), so inference after a short run uses statistics the activations
+    never had; 0.9 forgets them in tens of steps."""
 
     kind: Literal["resnet"]
     stem: Positive
@@ -212,19 +208,21 @@ class ResNet(_Strict):
     augment: Augment = Augment()
     bn_momentum: BnMomentum = 0.99
 
-    def spec(self, num_classes: int):
-        from stages.models import ResNetSpec, ResStage
-
-        return ResNetSpec(self.stem, tuple(ResStage(s.filters, s.blocks, s.pool) for s in self.stages), num_classes,
-                          self.dropout, self.logit_scale, self.augment.flip, self.augment.translate,
-                          self.bn_momentum)
 
 
 class Evaluation(_Strict):
     flip_tta: bool = False  # classifiers: average the predictions of each test image and its mirror image
 
 
-AUTOENCODER_KINDS = ("conv_autoencoder", "residual_autoencoder")
+def kinds(*classes: type[BaseModel]) -> tuple[str, ...]:
+    """The ``kind`` tags of the classes of a discriminated union."""
+    return tuple(value for cls in classes for value in cls.model_fields["kind"].annotation.__args__)
+
+
+AUTOENCODERS = (ConvAutoencoder, ResidualAutoencoder)
+CLASSIFIERS = (Cnn, ResNet)
+AUTOENCODER_KINDS = kinds(*AUTOENCODERS)
+Model = Annotated[Union[AUTOENCODERS + CLASSIFIERS], Field(discriminator="kind")]
 
 
 class Experiment(_Strict):
@@ -233,7 +231,7 @@ class Experiment(_Strict):
     seed_figure: str | None = None  # the seed question's published result, quoted for the report
     improves_on: str | None = None  # the seed experiment this one improves on, compared in the report
     data: Data
-    model: Annotated[Union[ConvAutoencoder, ResidualAutoencoder, Cnn, ResNet], Field(discriminator="kind")]
+    model: Model
     training: Training
     evaluation: Evaluation = Evaluation()
 

@@ -24,6 +24,7 @@ from stages import atomic
 from stages.progress import Progress
 from stages.archives import gunzip
 from stages.errors import PipelineError
+from stages.urls import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,6 @@ class Transport:
     retries: int = 4
     timeout_s: float = 60.0
     backoff_s: float = 1.0
-
-
-def redact(location: str) -> str:
-    """``location`` with any user:password removed from its URL."""
-    parts = urllib.parse.urlsplit(location)
-    if parts.username is None and parts.password is None:
-        return location
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def is_url(location: str) -> bool:

@@ -219,16 +219,21 @@ def pca_baseline_psnr(
     return psnr_from_mse(pca_reconstruction_mse(train, test, n_components, max_train, seed))
 
 
+def psnr_of_mse(per_image_mse: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Each image's PSNR in dB from its MSE (floored at ``MSE_FLOOR``)."""
+    return 10.0 * np.log10(data_range**2 / np.maximum(np.asarray(per_image_mse, np.float64), MSE_FLOOR))
+
+
 def psnr_from_mse(per_image_mse: np.ndarray, data_range: float = 1.0, pooled: bool = False) -> float:
     """Mean of per-image PSNR, or (``pooled``) the PSNR of the mean MSE over all images.
 
     Both are in use: the pooled figure is lower (Jensen's inequality), and it is
     the one behind the reference numbers quoted for this project's baselines.
     """
-    per_image_mse = np.maximum(np.asarray(per_image_mse, np.float64), MSE_FLOOR)
     if pooled:
+        per_image_mse = np.maximum(np.asarray(per_image_mse, np.float64), MSE_FLOOR)
         return float(10.0 * np.log10(data_range**2 / per_image_mse.mean()))
-    return float(np.mean(10.0 * np.log10(data_range**2 / per_image_mse)))
+    return float(np.mean(psnr_of_mse(per_image_mse, data_range)))
 
 
 def pca_fit(train: np.ndarray, n_components: int, max_train: int = PCA_TRAIN, seed: int = 0

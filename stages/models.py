@@ -1,5 +1,8 @@
 """Keras model builders driven by params: conv autoencoders and CNN classifiers.
 
+Each builder takes the validated params of its ``model.kind`` (the classes of
+:mod:`stages.experiment_params`); :func:`build` picks the builder by kind.
+
 Functional models built from ``keras.layers`` only (no backend-specific
 ops), so the same code runs on TensorFlow (the CPU default) and on JAX
 (``KERAS_BACKEND=jax``, used on the GPU machine).
@@ -14,67 +17,44 @@ asker did); the decoder mirrors the filters and upsamples after its first
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import keras
 import numpy as np
 from keras import layers
 
+from stages.experiment_params import Cnn, ConvAutoencoder, ResidualAutoencoder, ResNet
 from stages.recipes import RandomShift
 
-
-@dataclass(frozen=True)
-class AutoencoderSpec:
-    filters: tuple[int, ...]
-    poolings: int
-    activation: str = "relu"
-    output_activation: str = "sigmoid"  # or "linear"
-    kernel_size: int = 3
+KERNEL_SIZE = 3
 
 
-@dataclass(frozen=True)
-class ConvBlock:
-    filters: int
-    kernel_size: int = 3
-    activation: str | None = "relu"  # None: no activation (the colored-MNIST bug)
-    padding: str = "same"
-    pool: bool = True
-
-
-@dataclass(frozen=True)
-class ClassifierSpec:
-    conv: tuple[ConvBlock, ...]
-    num_classes: int = 10
-    initializer: str = "glorot_uniform"  # for the conv kernels; dense layers keep Keras' default
-    dense: tuple[int, ...] = ()
-    dense_activation: str = "relu"
-    dropout: float = 0.0
-    logits_activation: str | None = None  # "relu": ReLU before softmax (the colored-MNIST bug)
-
-
-def encoder_pools(spec: AutoencoderSpec) -> list[bool]:
+def encoder_pools(spec: ConvAutoencoder) -> list[bool]:
     """Whether each encoder level is followed by a pooling."""
     levels = len(spec.filters)
-    if not 0 <= spec.poolings <= levels:
-        raise ValueError(f"poolings={spec.poolings} must be between 0 and the {levels} levels")
     return [i < spec.poolings - 1 or (i == levels - 1 and spec.poolings > 0) for i in range(levels)]
 
 
-def latent_shape(spec: AutoencoderSpec, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The bottleneck's shape for ``image_shape``; error if the poolings do not divide it."""
-    height, width, _ = image_shape
+def latent_shape(spec: ConvAutoencoder | ResidualAutoencoder, image_shape) -> tuple[int, int, int]:
+    """The bottleneck's shape for ``image_shape``; error if the poolings do not
+    divide its sides, or a ``linear_path`` latent has more values than the image."""
+    height, width, channels = image_shape
     factor = 2 ** spec.poolings
     if height % factor or width % factor:
         raise ValueError(
             f"{spec.poolings} poolings need image sides divisible by {factor}, got {height}x{width}"
         )
-    return (height // factor, width // factor, spec.filters[-1])
+    if spec.kind == "conv_autoencoder":
+        return (height // factor, width // factor, spec.filters[-1])
+    shape = (height // factor, width // factor, spec.latent_channels)
+    if spec.linear_path and shape[0] * shape[1] * shape[2] > height * width * channels:
+        raise ValueError(f"linear_path needs a latent of at most the image's {height * width * channels} values, "
+                         f"got {'x'.join(map(str, shape))}")
+    return shape
 
 
-def build_autoencoder(spec: AutoencoderSpec, image_shape: tuple[int, int, int], name: str = "autoencoder"):
+def build_autoencoder(spec: ConvAutoencoder, image_shape: tuple[int, int, int], name: str = "autoencoder"):
     """Return (autoencoder, encoder) Keras models."""
     latent_shape(spec, image_shape)  # validates divisibility
-    conv = dict(kernel_size=spec.kernel_size, activation=spec.activation, padding="same")
+    conv = dict(kernel_size=KERNEL_SIZE, activation=spec.activation, padding="same")
     inputs = keras.Input(shape=image_shape, name="image")
     x = inputs
     for level, (filters, pool) in enumerate(zip(spec.filters, encoder_pools(spec))):
@@ -87,14 +67,15 @@ def build_autoencoder(spec: AutoencoderSpec, image_shape: tuple[int, int, int], 
         if level < spec.poolings:
             x = layers.UpSampling2D(2, name=f"dec_up{level}")(x)
     outputs = layers.Conv2D(
-        image_shape[2], spec.kernel_size, padding="same",
+        image_shape[2], KERNEL_SIZE, padding="same",
         activation=spec.output_activation, name="reconstruction", dtype="float32",
     )(x)
     return keras.Model(inputs, outputs, name=name), keras.Model(inputs, latent, name=f"{name}_encoder")
 
 
-def build_classifier(spec: ClassifierSpec, image_shape: tuple[int, int, int], name: str = "classifier"):
-    """A CNN: conv blocks, flatten, dense layers with dropout, softmax over the classes."""
+def build_classifier(spec: Cnn, image_shape: tuple[int, int, int], num_classes: int, name: str = "classifier"):
+    """A CNN: conv blocks, flatten, dense layers with dropout, softmax over the classes
+    (``logits_activation: relu`` and convs without activation reproduce the colored-MNIST bug)."""
     inputs = keras.Input(shape=image_shape, name="image")
     x = inputs
     for i, block in enumerate(spec.conv):
@@ -109,87 +90,12 @@ def build_classifier(spec: ClassifierSpec, image_shape: tuple[int, int, int], na
         x = layers.Dense(width, activation=spec.dense_activation, name=f"dense{i}")(x)
         if spec.dropout:
             x = layers.Dropout(spec.dropout, name=f"dropout{i}")(x)
-    x = layers.Dense(spec.num_classes, activation=spec.logits_activation, name="logits")(x)
+    x = layers.Dense(num_classes, activation=spec.logits_activation, name="logits")(x)
     outputs = layers.Softmax(name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
 # --- Improved models (beyond the seeds): batch norm, strided and residual blocks ---
-
-
-@dataclass(frozen=True)
-class ResidualAutoencoderSpec:
-    """``filters[i]``: width after ``i`` halvings (``len(filters) = poolings + 1``);
-    ``blocks[i]``: residual blocks at that level, in the encoder and again in the decoder.
-
-    The encoder halves the image with stride-2 convs, the bottleneck is a
-    linear 1x1 conv to ``latent_channels`` (so the latent has the seed
-    model's shape), and the decoder doubles back with transposed convs.
-
-    ``linear_path``: a frozen linear encoder and decoder beside the conv ones
-    (set to PCA of the training images by :func:`init_linear_path`); the conv
-    encoder adds to the PCA codes and the conv decoder adds a correction to
-    the PCA reconstruction, both starting at zero, so training starts from
-    the linear optimum at this latent size instead of from noise.
-    ``input_skip``: the output is the input plus the conv decoder's
-    correction (for corruption tasks such as colorization, where the input
-    already holds most of the target).
-    ``refiner``: widths of full-resolution 3x3 ReLU convs (no batch norm)
-    that read that image (the PCA reconstruction plus the decoder's
-    correction, or the input plus it) and add their own zero-initialized
-    correction: a non-linear decoder in the image domain, which can sharpen
-    edges and saturate flat regions that a linear decoder leaves blurred.
-    The conv decoder alone could not learn this from a PCA start: its
-    features see only the codes, of which the PCA residual is no linear
-    function, so its zero head got almost no gradient.
-    """
-
-    filters: tuple[int, ...]
-    blocks: tuple[int, ...]
-    latent_channels: int
-    output_activation: str = "sigmoid"
-    linear_path: bool = False
-    input_skip: bool = False
-    refiner: tuple[int, ...] = ()
-    bn_momentum: float = 0.99
-
-    @property
-    def poolings(self) -> int:
-        return len(self.filters) - 1
-
-
-@dataclass(frozen=True)
-class ResStage:
-    filters: int
-    blocks: int = 0  # residual blocks after the stage's conv (and pooling)
-    pool: bool = True
-
-
-@dataclass(frozen=True)
-class ResNetSpec:
-    """A ResNet-9-style classifier: stem conv, stages of conv-BN-ReLU (+ max
-    pooling, + residual blocks), global max pooling, one dense layer whose
-    logits are multiplied by ``logit_scale`` before the softmax. ``augment``
-    adds random horizontal flips and shifts by up to ``translate`` of the side,
-    rounded to whole pixels (zero-filled: a padded random crop, see
-    :class:`RandomShift`), in front of the network, active only in training,
-    so they run on the accelerator inside the compiled step.
-
-    ``bn_momentum`` (both improved kinds): the batch-norm layers' moving
-    statistics keep this much of their value at each step. Keras' 0.99
-    still holds 0.99**n of the initial mean 0 and variance 1 after n steps
-    (37% after 98, one CIFAR-10 epoch at batch 512), so inference on a short
-    run uses statistics the activations never had; 0.9 forgets them in tens
-    of steps."""
-
-    stem: int
-    stages: tuple[ResStage, ...]
-    num_classes: int = 10
-    dropout: float = 0.0
-    logit_scale: float = 1.0
-    flip: bool = False
-    translate: float = 0.0
-    bn_momentum: float = 0.99
 
 
 def _conv_bn(x, filters: int, name: str, momentum: float, strides: int = 1, kernel_size: int = 3,
@@ -206,33 +112,13 @@ def _residual(x, filters: int, name: str, momentum: float):
     return layers.Activation("relu", name=f"{name}_out")(layers.Add(name=f"{name}_add")([x, y]))
 
 
-def residual_latent_shape(spec: ResidualAutoencoderSpec, image_shape) -> tuple[int, int, int]:
-    if len(spec.blocks) != len(spec.filters):
-        raise ValueError(f"blocks has {len(spec.blocks)} entries but filters has {len(spec.filters)}: one per level")
-    shape = latent_shape(AutoencoderSpec(spec.filters, spec.poolings), image_shape)
-    shape = shape[:2] + (spec.latent_channels,)
-    if spec.linear_path or spec.input_skip:
-        if spec.output_activation != "linear":
-            raise ValueError("linear_path and input_skip add a correction to an image: "
-                             f"they need output_activation linear, not {spec.output_activation}")
-        if spec.linear_path and spec.input_skip:
-            raise ValueError("linear_path and input_skip are alternatives: choose one")
-    if spec.refiner and not (spec.linear_path or spec.input_skip):
-        raise ValueError("refiner refines a base image: it needs linear_path or input_skip")
-    values = int(image_shape[0] * image_shape[1] * image_shape[2])
-    if spec.linear_path and shape[0] * shape[1] * shape[2] > values:
-        raise ValueError(f"linear_path needs a latent of at most the image's {values} values, "
-                         f"got {'x'.join(map(str, shape))}")
-    return shape
-
-
 LINEAR_ENCODER, LINEAR_DECODER = "linear_encoder", "linear_decoder"
 
 
-def build_residual_autoencoder(spec: ResidualAutoencoderSpec, image_shape: tuple[int, int, int],
+def build_residual_autoencoder(spec: ResidualAutoencoder, image_shape: tuple[int, int, int],
                                name: str = "autoencoder"):
     """Return (autoencoder, encoder) Keras models."""
-    shape = residual_latent_shape(spec, image_shape)
+    shape = latent_shape(spec, image_shape)
     residual_head = dict(kernel_initializer="zeros") if spec.linear_path or spec.input_skip else {}
     inputs = keras.Input(shape=image_shape, name="image")
     momentum = spec.bn_momentum
@@ -295,13 +181,13 @@ def init_linear_path(model: keras.Model, mean: np.ndarray, vectors: np.ndarray) 
     decoder.set_weights([vectors.T.copy(), mean])
 
 
-def build_resnet(spec: ResNetSpec, image_shape: tuple[int, int, int], name: str = "classifier"):
+def build_resnet(spec: ResNet, image_shape: tuple[int, int, int], num_classes: int, name: str = "classifier"):
     inputs = keras.Input(shape=image_shape, name="image")
     x = inputs
-    if spec.flip:
+    if spec.augment.flip:
         x = layers.RandomFlip("horizontal", name="augment_flip")(x)
-    if spec.translate:
-        x = RandomShift(round(spec.translate * min(image_shape[:2])), name="augment_translate")(x)
+    if spec.augment.translate:
+        x = RandomShift(round(spec.augment.translate * min(image_shape[:2])), name="augment_translate")(x)
     x = _conv_bn(x, spec.stem, "stem", spec.bn_momentum)
     for i, stage in enumerate(spec.stages):
         x = _conv_bn(x, stage.filters, f"stage{i}", spec.bn_momentum)
@@ -312,31 +198,20 @@ def build_resnet(spec: ResNetSpec, image_shape: tuple[int, int, int], name: str 
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     if spec.dropout:
         x = layers.Dropout(spec.dropout, name="dropout")(x)
-    x = layers.Dense(spec.num_classes, use_bias=False, name="logits")(x)
+    x = layers.Dense(num_classes, use_bias=False, name="logits")(x)
     if spec.logit_scale != 1.0:
         x = layers.Rescaling(spec.logit_scale, name="logit_scale")(x)
     outputs = layers.Softmax(name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
-def model_latent_shape(spec, image_shape) -> tuple[int, int, int]:
-    """The bottleneck shape of either autoencoder spec."""
-    if isinstance(spec, ResidualAutoencoderSpec):
-        return residual_latent_shape(spec, image_shape)
-    return latent_shape(spec, image_shape)
-
-
-def has_linear_path(spec) -> bool:
-    return isinstance(spec, ResidualAutoencoderSpec) and spec.linear_path
-
-
-def build_any_autoencoder(spec, image_shape, name: str = "autoencoder"):
-    if isinstance(spec, ResidualAutoencoderSpec):
-        return build_residual_autoencoder(spec, image_shape, name)
-    return build_autoencoder(spec, image_shape, name)
-
-
-def build_any_classifier(spec, image_shape, name: str = "classifier"):
-    if isinstance(spec, ResNetSpec):
-        return build_resnet(spec, image_shape, name)
-    return build_classifier(spec, image_shape, name)
+def build(spec, image_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The model ``spec`` describes (an experiment's ``model`` section) for
+    ``image_shape``; ``num_classes`` is used by classifiers."""
+    if spec.kind == "conv_autoencoder":
+        return build_autoencoder(spec, image_shape)[0]
+    if spec.kind == "residual_autoencoder":
+        return build_residual_autoencoder(spec, image_shape)[0]
+    if spec.kind == "cnn":
+        return build_classifier(spec, image_shape, num_classes)
+    return build_resnet(spec, image_shape, num_classes)

@@ -16,12 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from stages.errors import PipelineError
-from stages.experiment_params import Experiment, Positive
+from stages.experiment_params import AUTOENCODERS, CLASSIFIERS, Experiment, Positive, kinds
 from stages.sources import SOURCES
 
 PARAMS_FILE = Path("params.yaml")
 
-BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar10_jpeg")
+BUILTIN_SOURCES = tuple(SOURCES)
 
 
 class ParamsError(PipelineError):
@@ -45,9 +45,10 @@ class SampleCaps(_Strict):
 
 
 # one number caps every split; a mapping caps each split it names
+EVERY_SPLIT, PER_SPLIT = "every_split", "per_split"
 SampleCap = Annotated[
-    Union[Annotated[Positive, Tag("every_split")], Annotated[SampleCaps, Tag("per_split")]],
-    Discriminator(lambda value: "per_split" if isinstance(value, (dict, SampleCaps)) else "every_split"),
+    Union[Annotated[Positive, Tag(EVERY_SPLIT)], Annotated[SampleCaps, Tag(PER_SPLIT)]],
+    Discriminator(lambda value: PER_SPLIT if isinstance(value, (dict, SampleCaps)) else EVERY_SPLIT),
 ]
 
 
@@ -145,7 +146,8 @@ class Grayscale(_Strict):
     seed: int = 0  # unused (grey is deterministic); kept so every corruption has one
 
 
-Corruption = Annotated[Union[Gaussian, SaltPepper, Colorize, Grayscale], Field(discriminator="kind")]
+CORRUPTIONS = (Gaussian, SaltPepper, Colorize, Grayscale)
+Corruption = Annotated[Union[CORRUPTIONS], Field(discriminator="kind")]
 
 
 class Regression(_Strict):
@@ -259,8 +261,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) else None
 
 
-UNION_TAGS = ("gaussian", "salt_pepper", "colorize", "grayscale", "conv_autoencoder", "residual_autoencoder", "cnn",
-              "resnet", "every_split", "per_split")
+# the tags pydantic puts in an error's location inside a discriminated union (not keys of the file)
+UNION_TAGS = (*kinds(*CORRUPTIONS, *AUTOENCODERS, *CLASSIFIERS), EVERY_SPLIT, PER_SPLIT)
 
 
 def _format(error: dict, raw: dict) -> str:

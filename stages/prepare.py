@@ -20,12 +20,11 @@ import numpy as np
 
 from stages import cli, params as params_mod
 from stages.archives import gunzip, members
-from stages.download import MANIFEST
 from stages.fetch import check_sha256
 from stages.formats import IMAGE_SUFFIXES, FormatError, cifar_batch, decode_image, idx_split, parse_idx
 from stages.images import DatasetFile, Split, save
 from stages.progress import Progress
-from stages.sources import IDX_SPLITS, SOURCES
+from stages.sources import IDX_SPLITS, MANIFEST, SOURCES
 
 log = logging.getLogger("stages.prepare")
 

@@ -1,6 +1,6 @@
 """DVC stage ``report``: every experiment side by side, with the seeds' figures.
 
-Reads ``metrics/<experiment>.json``, the images in ``reports/<experiment>/``,
+Reads ``metrics/<experiment>.json``, the images in ``reports/experiments/<experiment>/``,
 ``models/<experiment>/run.json`` and each experiment's description and seed
 figure from ``params.yaml``; writes ``reports/summary.md`` and
 ``reports/index.html`` (self-contained: images embedded as data URIs).
@@ -12,13 +12,6 @@ classifiers by test accuracy; the best of each group of two or more is marked.
 An experiment that names the seed experiment it ``improves_on`` gets a "vs
 seed" column: its PSNR (dB) or accuracy (points) minus the seed model's.
 
-It also writes the data of the DVC plots that ``dvc.yaml`` declares beside
-each experiment's loss curves (``plots/<experiment>.json``, from evaluate):
-``plots/accuracy/<experiment>.json`` (per-epoch accuracy, for the experiments
-that track one) and ``plots/confusion/<experiment>.csv`` (one ``actual,
-predicted`` row per test image of a classifier, for DVC's ``confusion``
-template), so ``dvc plots show`` and ``dvc plots diff`` draw them.
-
 Both pages are logged to one MLflow run in the experiment ``pipeline``, which
 groups the experiments' runs: it is tagged ``run.<experiment>`` with each
 run id, and each experiment run is tagged ``pipeline_run_id`` with its id.
@@ -27,17 +20,16 @@ run id, and each experiment run is tagged ``pipeline_run_id`` with its id.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages import atomic, cli, metrics, params as params_mod, tracking
+from stages import atomic, cli, metrics, params as params_mod
 from stages.errors import PipelineError
+from stages.mlflow_run import load_run_ref, run_tags, tracked_run
+from stages.mlflow_store import describe_failure, failures
 
 log = logging.getLogger("stages.report")
 
@@ -314,91 +306,31 @@ def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row
     """One MLflow run grouping the experiments' runs, with ``pages`` ({file name: text}); returns its id."""
     import mlflow
 
-    tracking.connect_experiment(PIPELINE_EXPERIMENT)
-    client = mlflow.tracking.MlflowClient()
-    pending = tracking.PendingRun(PENDING)
-    pending.reap()
-    run = tracking.start_run(None, "report")
-    pending.hold(run.info.run_id)
-    try:
-        with tracking.ending_run("report"):
-            mlflow.set_tags({"stage": "report", "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                             **tracking.git_state(), **{f"run.{name}": rid for name, rid in run_ids.items()}})
-            for row in rows:
-                key = "psnr" if row.task == "autoencoder" else "accuracy"
-                if key in row.test:
-                    mlflow.log_metric(f"{row.name}.test_{key}", row.test[key])
-            for file_name, text in pages.items():
-                mlflow.log_text(text, file_name)
-            for name, rid in run_ids.items():
-                try:
-                    client.set_tag(rid, "pipeline_run_id", run.info.run_id)
-                except mlflow.exceptions.MlflowException as exc:
-                    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                        raise
-                    log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
-                                tracking.describe_failure(exc))
-    finally:
-        pending.release()
+    with tracked_run(PIPELINE_EXPERIMENT, "report", name="report", pending=PENDING) as run, failures("report"):
+        client = mlflow.tracking.MlflowClient()
+        mlflow.set_tags(run_tags("report", **{f"run.{name}": rid for name, rid in run_ids.items()}))
+        for row in rows:
+            key = "psnr" if row.task == "autoencoder" else "accuracy"
+            if key in row.test:
+                mlflow.log_metric(f"{row.name}.test_{key}", row.test[key])
+        for file_name, text in pages.items():
+            mlflow.log_text(text, file_name)
+        for name, rid in run_ids.items():
+            try:
+                client.set_tag(rid, "pipeline_run_id", run.info.run_id)
+            except mlflow.exceptions.MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("report: run %s of %s is not in this store, not linked (%s)", rid, name,
+                            describe_failure(exc))
     return run.info.run_id
 
 
-def accuracy_records(history: dict[str, list[float]]) -> list[dict] | None:
-    """Per-epoch accuracy records ({epoch, accuracy[, val_accuracy]}), or None
-    when the history has no accuracy."""
-    if "accuracy" not in history:
-        return None
-    keys = [k for k in ("accuracy", "val_accuracy") if k in history]
-    return [{"epoch": i + 1, **{k: history[k][i] for k in keys}} for i in range(len(history["accuracy"]))]
-
-
-def confusion_csv(class_names: list[str], matrix: list[list[int]]) -> str:
-    """A confusion matrix as the rows DVC's confusion template counts: one
-    ``actual,predicted`` line per test image (rows of the matrix: actual)."""
-    if len(matrix) != len(class_names) or any(len(row) != len(class_names) for row in matrix):
-        raise ValueError(f"a {len(class_names)}-class confusion matrix must be "
-                         f"{len(class_names)}x{len(class_names)}")
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    for actual, row in zip(class_names, matrix):
-        for predicted, count in zip(class_names, row):
-            writer.writerows([(actual, predicted)] * int(count))
-    return out.getvalue()
-
-
-def dvc_plots(experiments: dict, reports_dir: Path, models_dir: Path) -> dict[str, dict[str, str]]:
-    """{folder: {file name: text}} of the DVC plots data: accuracy curves and confusion rows."""
-    folders: dict[str, dict[str, str]] = {"accuracy": {}, "confusion": {}}
-    for name, exp in experiments.items():
-        history = _read_json(models_dir / name / "history.json", f"train@{name}")
-        records = accuracy_records(history)
-        if records is not None:
-            folders["accuracy"][f"{name}.json"] = json.dumps(records, indent=2) + "\n"
-        if exp.task == "classifier":
-            confusion = _read_json(reports_dir / name / "confusion.json", f"evaluate@{name}")
-            try:
-                folders["confusion"][f"{name}.csv"] = confusion_csv(confusion["class_names"],
-                                                                    confusion["confusion_matrix"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise PipelineError(f"{reports_dir / name / 'confusion.json'}: not a confusion matrix "
-                                    f"({exc}); run evaluate@{name} again") from None
-    return folders
-
-
-def write_folder(target: Path, files: dict[str, str]) -> None:
-    """Replace the folder ``target`` with exactly ``files``, all at once."""
-    with atomic.replacing(target, directory=True) as staging:
-        for file_name, text in files.items():
-            (staging / file_name).write_text(text, encoding="utf-8")
-
-
 def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, models_dir: Path,
-           out_dir: Path, log_mlflow: bool = True, plots_dir: Path | None = None,
-           evaluated_only: bool = False) -> list[Row]:
-    """Write the pages (and the DVC plots data when ``plots_dir``); every experiment
-    must have its metrics file, unless ``evaluated_only``, which reports those that
-    have one and names the others on the pages (a partial report while runs go on)."""
+           out_dir: Path, log_mlflow: bool = True, evaluated_only: bool = False) -> list[Row]:
+    """Write the pages; every experiment must have its metrics file, unless
+    ``evaluated_only``, which reports those that have one and names the others
+    on the pages (a partial report while runs go on)."""
     experiments = params.experiments
     if not experiments:
         raise PipelineError("params.yaml: 'experiments' is empty; nothing to report")
@@ -417,37 +349,31 @@ def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, mode
         wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
         row.images = {p.stem: p for p in (reports_dir / row.name / f for f in wanted) if p.is_file()}
     pages = {"summary.md": render_markdown(rows, not_evaluated), "index.html": render_html(rows, not_evaluated)}
-    plot_data = dvc_plots(experiments, reports_dir, models_dir) if plots_dir else {}
     if log_mlflow:  # first, so that a store that fails leaves no report behind
-        run_ids = {name: tracking.load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
+        run_ids = {name: load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
         run_id = log_to_mlflow(pages, run_ids, rows)
         log.info("report: MLflow run %s in experiment '%s'", run_id, PIPELINE_EXPERIMENT)
     for file_name, text in pages.items():
         atomic.write_text(out_dir / file_name, text)
-    for folder, files in plot_data.items():
-        write_folder(plots_dir / folder, files)
     return rows
 
 
 def main(argv=None) -> int:
     def configure(parser):
         parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="metrics folder")
-        parser.add_argument("--reports", type=Path, default=Path("reports"), help="per-experiment images")
+        parser.add_argument("--reports", type=Path, default=Path("reports/experiments"),
+                            help="per-experiment images (evaluate's)")
         parser.add_argument("--models", type=Path, default=Path("models"), help="train outputs (run ids)")
         parser.add_argument("--out", type=Path, default=Path("reports"), help="where summary.md and index.html go")
-        parser.add_argument("--plots", type=Path, default=Path("plots"),
-                            help="where the DVC plots data go (accuracy/, confusion/)")
         parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
         parser.add_argument("--evaluated-only", action="store_true",
-                            help="report the experiments evaluated so far and name the others: the pages only, "
-                                 "no DVC plots data (a partial report while runs go on; not for dvc.yaml)")
+                            help="report the experiments evaluated so far and name the others (a partial "
+                                 "report while runs go on; not for dvc.yaml)")
 
     def body(args):
-        plots_dir = None if args.evaluated_only else args.plots
         report(params_mod.load(args.params), args.metrics, args.reports, args.models, args.out,
-               log_mlflow=not args.no_mlflow, plots_dir=plots_dir, evaluated_only=args.evaluated_only)
-        pages = [args.out / "index.html", args.out / "summary.md"]
-        return pages + ([plots_dir / "accuracy", plots_dir / "confusion"] if plots_dir else [])
+               log_mlflow=not args.no_mlflow, evaluated_only=args.evaluated_only)
+        return [args.out / "index.html", args.out / "summary.md"]
 
     return cli.run("report", __doc__, body, configure, argv)
 

@@ -13,6 +13,9 @@ from typing import Literal
 
 Format = Literal["idx", "cifar_pickle", "image_folder"]
 
+# written by the download stage beside the files it fetched: the source, its format and files
+MANIFEST = "manifest.json"
+
 
 @dataclass(frozen=True)
 class RemoteFile:

@@ -12,7 +12,7 @@ from stages.archives import ArchiveError
 from stages.errors import PipelineError
 from stages.fetch import ChecksumError
 from stages.params import ParamsError
-from stages.tracking import TrackingError
+from stages.mlflow_store import TrackingError
 
 STAGES = ["download", "prepare", "corrupt", "train", "evaluate", "report"]
 

@@ -9,13 +9,41 @@ import keras
 import numpy as np
 import pytest
 
+from stages.experiment_params import Cnn, ConvAutoencoder, ResidualAutoencoder, ResNet
 from stages.models import (
-    AutoencoderSpec, ClassifierSpec, ConvBlock, ResidualAutoencoderSpec, ResNetSpec, ResStage, build_autoencoder,
-    build_classifier, build_residual_autoencoder, build_resnet, encoder_pools, init_linear_path, latent_shape,
-    model_latent_shape,
+    build, build_autoencoder, build_classifier, build_residual_autoencoder, build_resnet, encoder_pools,
+    init_linear_path, latent_shape,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# the params objects the builders take, as params.yaml would give them
+def AutoencoderSpec(filters, poolings, activation="relu", output_activation="sigmoid"):
+    return ConvAutoencoder(kind="conv_autoencoder", filters=filters, poolings=poolings, activation=activation,
+                           output_activation=output_activation)
+
+
+def ResidualAutoencoderSpec(filters, blocks, latent_channels, output_activation="sigmoid", **options):
+    return ResidualAutoencoder(kind="residual_autoencoder", filters=filters, blocks=blocks,
+                               latent_channels=latent_channels, output_activation=output_activation, **options)
+
+
+def ConvBlock(filters, kernel_size=3, activation="relu", padding="same", pool=True):
+    return dict(filters=filters, kernel_size=kernel_size, activation=activation, padding=padding, pool=pool)
+
+
+def ClassifierSpec(conv, **options):
+    return Cnn(kind="cnn", conv=conv, **options)
+
+
+def ResStage(filters, blocks=0, pool=True):
+    return dict(filters=filters, blocks=blocks, pool=pool)
+
+
+def ResNetSpec(stem, stages, dropout=0.0, logit_scale=1.0, flip=False, translate=0.0, bn_momentum=0.99):
+    return ResNet(kind="resnet", stem=stem, stages=stages, dropout=dropout, logit_scale=logit_scale,
+                  augment={"flip": flip, "translate": translate}, bn_momentum=bn_momentum)
 
 
 def test_mnist_cae_matches_the_seed_model():
@@ -46,8 +74,8 @@ def test_latent_size_must_divide_the_image():
     spec = AutoencoderSpec(filters=(16, 8, 8), poolings=3)
     with pytest.raises(ValueError, match="3 poolings need image sides divisible by 8, got 28x28"):
         latent_shape(spec, (28, 28, 1))
-    with pytest.raises(ValueError, match="poolings=4 must be between 0 and the 3 levels"):
-        encoder_pools(AutoencoderSpec(filters=(16, 8, 8), poolings=4))
+    with pytest.raises(ValueError, match="poolings=4 exceeds the 3 conv levels"):
+        AutoencoderSpec(filters=(16, 8, 8), poolings=4)
 
 
 def test_sigmoid_output_is_in_unit_range():
@@ -61,7 +89,7 @@ def test_cifar_cnn_matches_the_seed_model():
         conv=(ConvBlock(64, 3, "relu", "valid"), ConvBlock(256, 2, "relu", "valid")),
         initializer="he_normal", dense=(1024,), dropout=0.4,
     )
-    model = build_classifier(spec, (32, 32, 3))
+    model = build_classifier(spec, (32, 32, 3), 10)
     # conv 3x3x3x64, conv 2x2x64x256, 7x7x256 -> 1024, 1024 -> 10
     expected = (27 * 64 + 64) + (4 * 64 * 256 + 256) + (7 * 7 * 256 * 1024 + 1024) + (1024 * 10 + 10)
     assert model.count_params() == expected
@@ -72,7 +100,7 @@ def test_cifar_cnn_matches_the_seed_model():
 
 def test_colored_mnist_broken_head_is_reproduced():
     broken = ClassifierSpec(conv=(ConvBlock(64, 3, None), ConvBlock(64, 3, None)), logits_activation="relu")
-    model = build_classifier(broken, (28, 28, 3))
+    model = build_classifier(broken, (28, 28, 3), 10)
     assert model.get_layer("conv0").get_config()["activation"] == "linear"
     assert model.get_layer("logits").get_config()["activation"] == "relu"
     probabilities = np.asarray(model.predict(np.random.default_rng(0).random((4, 28, 28, 3), dtype=np.float32), verbose=0))
@@ -86,7 +114,7 @@ def test_colored_mnist_broken_head_is_reproduced():
 ])
 def test_residual_autoencoder_keeps_the_seed_latent(filters, blocks, latent_channels, image, latent):
     spec = ResidualAutoencoderSpec(filters, blocks, latent_channels)
-    assert model_latent_shape(spec, image) == latent
+    assert latent_shape(spec, image) == latent
     model, encoder = build_residual_autoencoder(spec, image)
     assert encoder.output.shape[1:] == latent and model.output.shape[1:] == image
     # the latent is the only path from encoder to decoder: no skip connection crosses it
@@ -97,10 +125,10 @@ def test_residual_autoencoder_keeps_the_seed_latent(filters, blocks, latent_chan
 
 
 def test_residual_autoencoder_refuses_mismatched_levels():
-    with pytest.raises(ValueError, match="blocks has 2 entries but filters has 3"):
-        model_latent_shape(ResidualAutoencoderSpec((8, 8, 8), (0, 1), 4), (28, 28, 1))
+    with pytest.raises(ValueError, match="blocks has 2 entries, filters 3"):
+        ResidualAutoencoderSpec((8, 8, 8), (0, 1), 4)
     with pytest.raises(ValueError, match="3 poolings need image sides divisible by 8, got 28x28"):
-        model_latent_shape(ResidualAutoencoderSpec((8, 8, 8, 8), (0, 0, 0, 0), 4), (28, 28, 1))
+        latent_shape(ResidualAutoencoderSpec((8, 8, 8, 8), (0, 0, 0, 0), 4), (28, 28, 1))
 
 
 def _low_rank_images(n, shape=(8, 8, 1), rank=6, seed=0):
@@ -168,16 +196,16 @@ def test_input_skip_starts_as_the_identity():
     np.testing.assert_array_equal(model.predict(x, verbose=0), x)
 
 
-@pytest.mark.parametrize("spec, message", [
-    (ResidualAutoencoderSpec((4, 8), (0, 0), 2, linear_path=True), "need output_activation linear, not sigmoid"),
-    (ResidualAutoencoderSpec((4, 8), (0, 0), 2, "linear", linear_path=True, input_skip=True), "choose one"),
-    (ResidualAutoencoderSpec((4, 8), (0, 0), 2, "linear", refiner=(4,)), "refiner refines a base image"),
-    (ResidualAutoencoderSpec((4,), (0,), 2, "linear", linear_path=True),
-     "linear_path needs a latent of at most the image's 64 values, got 8x8x2"),
+@pytest.mark.parametrize("options, message", [
+    (dict(linear_path=True), "they need output_activation: linear"),
+    (dict(output_activation="linear", linear_path=True, input_skip=True), "choose one"),
+    (dict(output_activation="linear", refiner=(4,)), "refiner refines a base image"),
 ])
-def test_correcting_autoencoders_refuse_what_cannot_work(spec, message):
+def test_correcting_autoencoders_refuse_what_cannot_work(options, message):
     with pytest.raises(ValueError, match=message):
-        build_residual_autoencoder(spec, (8, 8, 1))
+        ResidualAutoencoderSpec((4, 8), (0, 0), 2, **options)
+    with pytest.raises(ValueError, match="linear_path needs a latent of at most the image's 64 values, got 8x8x2"):
+        build_residual_autoencoder(ResidualAutoencoderSpec((4,), (0,), 2, "linear", linear_path=True), (8, 8, 1))
     with pytest.raises(ValueError):
         init_linear_path(build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (0, 0), 2, "linear",
                                                                             linear_path=True), (8, 8, 1))[0],
@@ -185,9 +213,9 @@ def test_correcting_autoencoders_refuse_what_cannot_work(spec, message):
 
 
 def test_resnet_augments_only_in_training():
-    spec = ResNetSpec(8, (ResStage(16, 1), ResStage(32, 0, pool=False)), num_classes=3, logit_scale=0.125,
+    spec = ResNetSpec(8, (ResStage(16, 1), ResStage(32, 0, pool=False)), logit_scale=0.125,
                       flip=True, translate=0.25)
-    model = build_resnet(spec, (8, 8, 3))
+    model = build_resnet(spec, (8, 8, 3), 3)
     assert model.output.shape[1:] == (3,)
     assert model.get_layer("logit_scale").get_config()["scale"] == 0.125
     x = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
@@ -203,7 +231,7 @@ def test_bn_momentum_is_every_batch_norm_layers_and_sets_how_fast_they_forget(mo
     30 training steps the stem's moving mean holds momentum**30 of it (4% at
     0.9, 74% at Keras' 0.99), the rest the batches' mean."""
     x = np.random.default_rng(0).random((16, 8, 8, 3), dtype=np.float32) + 2.0
-    net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), 3, bn_momentum=momentum), (8, 8, 3))
+    net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), bn_momentum=momentum), (8, 8, 3), 3)
     res, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 1), 2, bn_momentum=momentum), (8, 8, 3))
     for model in (net, res):
         norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -217,27 +245,30 @@ def test_bn_momentum_is_every_batch_norm_layers_and_sets_how_fast_they_forget(mo
 
 BACKEND_PROBE = """
 import json, numpy as np, keras
-from stages.models import AutoencoderSpec, ClassifierSpec, ConvBlock, build_autoencoder, build_classifier
+from stages.experiment_params import Cnn, ConvAutoencoder, ResidualAutoencoder, ResNet
+from stages.models import build, build_autoencoder, build_classifier
 keras.utils.set_random_seed(0)
 x = np.random.default_rng(0).random((32, 8, 8, 3), dtype=np.float32)
-ae, _ = build_autoencoder(AutoencoderSpec(filters=(4, 4), poolings=2), (8, 8, 3))
+ae, _ = build_autoencoder(ConvAutoencoder(kind="conv_autoencoder", filters=(4, 4), poolings=2), (8, 8, 3))
 ae.compile("adam", "binary_crossentropy")
 ae_loss = ae.fit(x, x, batch_size=8, epochs=1, verbose=0).history["loss"][-1]
-cnn = build_classifier(ClassifierSpec(conv=(ConvBlock(4),), dense=(8,), dropout=0.2, num_classes=3), (8, 8, 3))
+cnn = build_classifier(Cnn(kind="cnn", conv=[{"filters": 4}], dense=(8,), dropout=0.2), (8, 8, 3), 3)
 cnn.compile("rmsprop", "sparse_categorical_crossentropy")
 cnn_loss = cnn.fit(x, np.arange(32) % 3, batch_size=8, epochs=1, verbose=0).history["loss"][-1]
 from stages import recipes
-from stages.models import ResidualAutoencoderSpec, ResNetSpec, ResStage, build_residual_autoencoder, build_resnet
-res, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 1), 2), (8, 8, 3))
+res = build(ResidualAutoencoder(kind="residual_autoencoder", filters=(4, 8), blocks=(1, 1), latent_channels=2),
+            (8, 8, 3), 0)
 res.compile(keras.optimizers.AdamW(recipes.WarmupCosine(1e-3, 8)), "binary_crossentropy")
 res_loss = res.fit(x, x, batch_size=8, epochs=2, verbose=0).history["loss"][-1]
 from stages import metrics
 from stages.models import init_linear_path
-lin, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (0, 1), 2, "linear", linear_path=True), (8, 8, 3))
+lin = build(ResidualAutoencoder(kind="residual_autoencoder", filters=(4, 8), blocks=(0, 1), latent_channels=2,
+                                output_activation="linear", linear_path=True), (8, 8, 3), 0)
 init_linear_path(lin, *metrics.pca_fit(x, 32))
 lin.compile("adam", "mse")
 res_loss = max(res_loss, lin.fit(x, x, batch_size=8, epochs=1, verbose=0).history["loss"][-1])
-net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), 3, 0.1, 0.125, True, 0.25), (8, 8, 3))
+net = build(ResNet(kind="resnet", stem=4, stages=[{"filters": 8, "blocks": 1}], dropout=0.1, logit_scale=0.125,
+                   augment={"flip": True, "translate": 0.25}), (8, 8, 3), 3)
 net.compile(keras.optimizers.SGD(recipes.OneCycle(0.1, 8), momentum=0.9, nesterov=True, weight_decay=5e-4),
             recipes.SmoothedSparseCrossentropy(0.1, 3))
 net_loss = net.fit(x, np.arange(32) % 3, batch_size=8, epochs=2, verbose=0).history["loss"][-1]
@@ -267,7 +298,6 @@ def test_every_experiments_model_trains_as_one_compiled_step():
     from keras.src.trainers.trainer import model_supports_jit
 
     from stages import params as params_mod
-    from stages.models import build_any_autoencoder, build_any_classifier
 
     params = params_mod.load(Path(__file__).resolve().parents[1] / "params.yaml")
     shapes = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -278,9 +308,6 @@ def test_every_experiments_model_trains_as_one_compiled_step():
         shape = shapes[dataset]
         if "colored" in name or "colorize" in exp.description:
             shape = (*shape[:2], 3)
-        if exp.task == "autoencoder":
-            model = build_any_autoencoder(exp.model.spec(), shape)[0]  # (autoencoder, encoder)
-        else:
-            model = build_any_classifier(exp.model.spec(10), shape)
+        model = build(exp.model, shape, 10)
         unjittable = [layer.name for layer in model._flatten_layers() if not getattr(layer, "supports_jit", True)]
         assert model_supports_jit(model), f"{name}: {unjittable}"

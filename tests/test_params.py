@@ -194,15 +194,3 @@ def test_defaults():
     assert loaded.datasets["mnist"].split.val_fraction == 0.1
     assert loaded.download.retries == 4
 
-
-def test_later_options_left_at_their_defaults_are_left_out_of_the_dumped_config():
-    """The dump is what train's checkpoint fingerprint and MLflow's params
-    hold: an experiment without the options dumps as before they existed."""
-    from stages.experiment_params import Training
-
-    unset = Training(loss="mse", epochs=1, batch_size=8).model_dump(mode="json")
-    assert "gradient_accumulation_steps" not in unset and "data_on_device" not in unset
-    assert unset["batch_size"] == 8 and unset["mixed_precision"] is False
-    assert Training(loss="mse", epochs=1, batch_size=8,
-                    gradient_accumulation_steps=4).model_dump(mode="json")["gradient_accumulation_steps"] == 4
-    assert Training(loss="mse", epochs=1, batch_size=8, data_on_device=True).model_dump()["data_on_device"] is True

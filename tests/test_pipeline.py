@@ -58,7 +58,7 @@ def test_repro_noop_forced_retrain_then_only_changed_stages(dvc_project):
         metrics = json.loads((dvc_project / f"metrics/{name}.json").read_text())
         assert metrics["experiment"] == name and metrics["epochs"] == 1
         run = json.loads((dvc_project / f"models/{name}/run.json").read_text())
-        assert (dvc_project / f"reports/{name}").is_dir()
+        assert (dvc_project / f"reports/experiments/{name}").is_dir()
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
     assert run["run_id"] and (dvc_project / "mlflow.db").is_file()
     summary = (dvc_project / "reports/summary.md").read_text()
@@ -83,24 +83,26 @@ def test_repro_noop_forced_retrain_then_only_changed_stages(dvc_project):
 
 
 def _dvc_plots_draw_loss_accuracy_and_confusion(dvc_project):
-    """``dvc plots show`` with the templates dvc.yaml declares: loss curves for
-    both experiments, accuracy and a confusion matrix for the classifier, whose
-    cells count the test images (8)."""
+    """``dvc plots show`` with the templates dvc.yaml declares, from evaluate's
+    files: the autoencoder's loss curves and test PSNR by percentile, the
+    classifier's accuracy curves and confusion matrix, whose cells count the
+    test images (8)."""
     shown = json.loads(_run(dvc_project, "plots", "show", "--json").stdout)
     assert not shown.get("errors"), shown["errors"]
     plots = {path: entries[0]["content"] for path, entries in shown["data"].items()}
-    assert set(plots) == {"plots/pets_dae.json", "plots/pets_cnn.json", "plots/accuracy/pets_cnn.json",
-                          "plots/confusion/pets_cnn.csv"}
-    for name in ("pets_dae", "pets_cnn"):
-        values = plots[f"plots/{name}.json"]["data"]["values"]
-        assert {v["field"] for v in values} == {"loss", "val_loss"} and {v["epoch"] for v in values} == {1}
-    accuracy = plots["plots/accuracy/pets_cnn.json"]["data"]["values"]
+    assert set(plots) == {"plots/autoencoder/pets_dae.json", "plots/autoencoder_test/pets_dae.csv",
+                          "plots/classifier/pets_cnn.json", "plots/classifier_test/pets_cnn.csv"}
+    values = plots["plots/autoencoder/pets_dae.json"]["data"]["values"]
+    assert {v["field"] for v in values} == {"loss", "val_loss"} and {v["epoch"] for v in values} == {1}
+    percentiles = plots["plots/autoencoder_test/pets_dae.csv"]["data"]["values"]
+    assert len(percentiles) == 101 and float(percentiles[0]["psnr_db"]) <= float(percentiles[-1]["psnr_db"])
+    accuracy = plots["plots/classifier/pets_cnn.json"]["data"]["values"]
     assert {v["field"] for v in accuracy} == {"accuracy", "val_accuracy"}
-    confusion = plots["plots/confusion/pets_cnn.csv"]
+    confusion = plots["plots/classifier_test/pets_cnn.csv"]
     assert confusion["title"]["text"] == "Confusion matrix (test split)"
     cells = confusion["data"]["values"]
     assert len(cells) == 8 and {c["actual"] for c in cells} <= {"cat", "dog"}
-    matrix = json.loads((dvc_project / "reports/pets_cnn/confusion.json").read_text())["confusion_matrix"]
+    matrix = json.loads((dvc_project / "reports/experiments/pets_cnn/confusion.json").read_text())["confusion_matrix"]
     assert sum(c["actual"] == c["predicted"] for c in cells) == matrix[0][0] + matrix[1][1]
     _run(dvc_project, "plots", "show", "-o", "dvc_plots")
     assert (dvc_project / "dvc_plots/index.html").read_text().count("vega") > 4
@@ -110,6 +112,7 @@ def _forced_retrain_gives_the_same_metrics_and_runs_are_grouped(dvc_project):
     """Train again from scratch (forced) and compare: op determinism on, same backend."""
     from mlflow.tracking import MlflowClient
 
+    git_commit(dvc_project, "first run")  # the retrained runs record this commit
     before = {n: (dvc_project / f"metrics/{n}.json").read_text() for n in ("pets_dae", "pets_cnn")}
     first_runs = {n: json.loads((dvc_project / f"models/{n}/run.json").read_text())["run_id"] for n in before}
     _run(dvc_project, "repro", "--force", "--single-item", "train@pets_dae", "train@pets_cnn")
@@ -133,6 +136,10 @@ def _forced_retrain_gives_the_same_metrics_and_runs_are_grouped(dvc_project):
     latest = reports[0]
     assert {k: v for k, v in latest.data.tags.items() if k.startswith("run.")} == {
         f"run.{n}": rid for n, rid in runs.items()}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_project, capture_output=True, text=True).stdout.strip()
+    for rid in runs.values():  # recorded by MLflow itself (GitPython), beside our dirty flag
+        tags = client.get_run(rid).data.tags
+        assert tags["mlflow.source.git.commit"] == head and tags["git_dirty"] in ("True", "False")
     assert {a.path for a in client.list_artifacts(latest.info.run_id)} == {"index.html", "summary.md"}
     for name, rid in runs.items():
         child = client.get_run(rid)

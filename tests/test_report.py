@@ -1,10 +1,7 @@
 """The report stage's tables and pages (its MLflow run is checked in test_pipeline)."""
 
-import csv
-import io
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ from PIL import Image
 
 from stages import params as params_mod
 from stages.errors import PipelineError
-from stages.report import accuracy_records, build_rows, confusion_csv, render_html, render_markdown, report
+from stages.report import build_rows, render_html, render_markdown, report
 
 AE = {"kind": "conv_autoencoder", "filters": [4], "poolings": 1}
 CNN = {"kind": "cnn", "conv": [{"filters": 4}]}
@@ -172,7 +169,7 @@ def test_evaluated_only_reports_what_has_run_and_names_the_rest(tmp_path):
     assert "Not evaluated yet" not in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_the_evaluated_only_flag_writes_the_pages_and_no_dvc_plots(tmp_path, monkeypatch):
+def test_the_evaluated_only_flag_writes_the_pages(tmp_path, monkeypatch):
     from stages.report import main
 
     monkeypatch.chdir(tmp_path)
@@ -185,49 +182,7 @@ def test_the_evaluated_only_flag_writes_the_pages_and_no_dvc_plots(tmp_path, mon
     assert not Path("reports").exists()
     assert main(["--no-mlflow", "--evaluated-only"]) == 0
     assert "left out: ae_1." in Path("reports/summary.md").read_text()
-    assert Path("reports/index.html").is_file() and not Path("plots").exists()
-
-
-def test_confusion_rows_count_each_test_image_once():
-    text = confusion_csv(["cat", "dog, big"], [[2, 1], [0, 3]])
-    rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0] == ["actual", "predicted"]
-    assert Counter(map(tuple, rows[1:])) == {("cat", "cat"): 2, ("cat", "dog, big"): 1, ("dog, big", "dog, big"): 3}
-    with pytest.raises(ValueError, match="2-class confusion matrix must be 2x2"):
-        confusion_csv(["cat", "dog"], [[1, 2, 3], [4, 5, 6]])
-
-
-def test_accuracy_records_only_where_the_history_has_accuracy():
-    assert accuracy_records({"loss": [1.0, 0.5]}) is None
-    assert accuracy_records({"loss": [1.0, 0.5], "accuracy": [0.5, 0.75], "val_accuracy": [0.4, 0.6]}) == [
-        {"epoch": 1, "accuracy": 0.5, "val_accuracy": 0.4}, {"epoch": 2, "accuracy": 0.75, "val_accuracy": 0.6}]
-
-
-def test_report_writes_the_dvc_plots_data_and_replaces_stale_files(tmp_path):
-    params = _params(ae_1=_ae(), cnn=_clf())
-    metrics_dir, models, reports = tmp_path / "metrics", tmp_path / "models", tmp_path / "reports"
-    for name, summary, history in [("ae_1", _ae_metrics(22.0), {"loss": [0.3], "val_loss": [0.4]}),
-                                   ("cnn", _clf_metrics(0.7), {"loss": [0.3], "accuracy": [0.7]})]:
-        (models / name).mkdir(parents=True)
-        (models / name / "history.json").write_text(json.dumps(history))
-        metrics_dir.mkdir(exist_ok=True)
-        (metrics_dir / f"{name}.json").write_text(json.dumps(summary))
-    (reports / "cnn").mkdir(parents=True)
-    (reports / "cnn" / "confusion.json").write_text(json.dumps({"class_names": ["a", "b"],
-                                                                "confusion_matrix": [[1, 0], [1, 1]]}))
-    plots = tmp_path / "plots"
-    (plots / "confusion").mkdir(parents=True)
-    (plots / "confusion" / "removed_experiment.csv").write_text("actual,predicted\n")
-    report(params, metrics_dir, reports, models, tmp_path / "out", log_mlflow=False, plots_dir=plots)
-    assert sorted(p.name for p in (plots / "accuracy").iterdir()) == ["cnn.json"]
-    assert sorted(p.name for p in (plots / "confusion").iterdir()) == ["cnn.csv"]
-    assert (plots / "confusion" / "cnn.csv").read_text() == "actual,predicted\na,a\nb,a\nb,b\n"
-
-    (reports / "cnn" / "confusion.json").write_text(json.dumps({"class_names": ["a", "b"]}))
-    with pytest.raises(PipelineError, match=r"reports/cnn/confusion\.json: not a confusion matrix .*"
-                                            r"run evaluate@cnn again"):
-        report(params, metrics_dir, reports, models, tmp_path / "out", log_mlflow=False, plots_dir=plots)
-    assert (plots / "confusion" / "cnn.csv").is_file()
+    assert Path("reports/index.html").is_file()
 
 
 def test_rows_say_where_and_how_long_they_trained():

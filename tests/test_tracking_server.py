@@ -15,7 +15,7 @@ import pytest
 import builders
 from dvc_helpers import dvc_env, git_commit, make_project, pets_params, ran, run_dvc, wait_for_queue
 from mlflow_server import MlflowServer, free_port, metrics, params, tags
-from stages import tracking
+from stages import mlflow_store
 from stages import train as train_mod
 from test_pipeline import PETS_CNN
 import test_train
@@ -27,7 +27,7 @@ lab = test_train.lab  # the fixture: a project with a tiny prepared dataset
 @pytest.fixture
 def http_defaults(monkeypatch):
     """The stage's own HTTP limits, restored after the test (the stage sets them in os.environ)."""
-    for key, value in tracking.HTTP_DEFAULTS.items():
+    for key, value in mlflow_store.HTTP_DEFAULTS.items():
         monkeypatch.setenv(key, value)
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(key, raising=False)

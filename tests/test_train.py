@@ -105,7 +105,8 @@ def test_autoencoder_train_and_evaluate_log_one_mlflow_run(lab):
     assert run.data.params["dataset_source"] == "toy_source"
     tags = run.data.tags
     assert tags["stage"] == "train@ae" and tags["evaluated_by"] == "evaluate@ae"
-    assert len(tags["params_hash"]) == 16 and "git_commit" in tags and "env.keras_backend" in tags
+    assert len(tags["params_hash"]) == 16 and "git_dirty" in tags and "env.keras_backend" in tags
+    assert "git_commit" not in tags  # MLflow records the commit itself (mlflow.source.git.commit)
     steps = [m.step for m in _client().get_metric_history(ref["run_id"], "val_loss")]
     assert steps == [1, 2]
     metrics = json.loads((lab / "metrics/ae.json").read_text())
@@ -120,7 +121,7 @@ def test_autoencoder_train_and_evaluate_log_one_mlflow_run(lab):
     assert {"evaluation/reconstructions.png", "evaluation/curves.png", "evaluation/ae.json"} <= artifacts
     mlmodel = Path(_client().download_artifacts(ref["run_id"], "model/MLmodel")).read_text()
     assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
-    curves = json.loads((lab / "plots/ae.json").read_text())
+    curves = json.loads((lab / "plots/autoencoder/ae.json").read_text())
     assert [row["epoch"] for row in curves] == [1, 2] and "val_loss" in curves[0]
 
 
@@ -136,9 +137,9 @@ def test_classifier_metrics_match_the_model(lab):
     from stages.images import to_unit_float
     predicted = np.asarray(model.predict(to_unit_float(data.images), verbose=0)).argmax(axis=1)
     assert test["accuracy"] == pytest.approx(float((predicted == data.labels).mean()), abs=1e-6)
-    confusion = json.loads((lab / "reports/cls/confusion.json").read_text())
+    confusion = json.loads((lab / "reports/experiments/cls/confusion.json").read_text())
     assert np.asarray(confusion["confusion_matrix"]).sum() == len(data.labels)
-    assert {p.name for p in (lab / "reports/cls").iterdir()} >= {"confusion_matrix.png", "misclassified.png", "curves.png"}
+    assert {p.name for p in (lab / "reports/experiments/cls").iterdir()} >= {"confusion_matrix.png", "misclassified.png", "curves.png"}
     run = _client().get_run(json.loads((lab / "models/cls/run.json").read_text())["run_id"])
     assert _client().get_experiment(run.info.experiment_id).name == "classifiers"
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
@@ -259,7 +260,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, inte
     killed_state = json.loads((roots["killed"] / "checkpoints/cls/state.json").read_text())
     assert 2 <= killed_state[progress] < 6, "the kill must land mid-run"
     if interval:
-        assert killed_state["epoch"] == 0 and "model" not in killed_state
+        assert killed_state["epoch"] == 0 and killed_state["model"] is None
     assert not (roots["killed"] / "models/cls/model.keras").exists()
 
     resumed = _train_process(roots["killed"], "cls")
@@ -426,6 +427,7 @@ def test_gradient_accumulation_steps_once_with_the_mean_gradient_of_its_batches(
     import keras
 
     from stages.experiment_params import Training
+    from stages.training import optimizer_for
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(8, 2)).astype(np.float32)
@@ -436,7 +438,7 @@ def test_gradient_accumulation_steps_once_with_the_mean_gradient_of_its_batches(
         model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(4, activation="tanh")(inputs)))
         t = Training(loss="mse", optimizer=optimizer, learning_rate=0.1, epochs=1, batch_size=batch_size,
                      gradient_accumulation_steps=accumulate)
-        model.compile(optimizer=train_mod.optimizer_for(t, total_steps=2), loss="mse")
+        model.compile(optimizer=optimizer_for(t, total_steps=2), loss="mse")
         start = [w.copy() for w in model.get_weights()]
         model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
         return start, model.get_weights()
@@ -486,88 +488,6 @@ def test_colorization_scores_the_grey_input_as_its_baseline(lab):
     assert test["latent_size"] == 8 * 8 * 4 and test["compression_ratio"] == pytest.approx(3.0)
 
 
-def test_batches_are_scaled_one_at_a_time_in_the_epochs_order():
-    """An epoch's images stay uint8: each batch is gathered in the shuffled order
-    and scaled when asked for, the last one short; labels stay labels."""
-    from stages.experiment_data import Arrays
-    from stages.images import to_unit_float
-
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    labels = np.arange(10) % 3
-    order = rng.permutation(10)
-    batches = train_mod.ScaledBatches(Arrays(x, labels), order, 4, image_targets=False)
-    assert len(batches) == 3
-    got = [batches[i] for i in range(len(batches))]
-    assert [len(b[0]) for b in got] == [4, 4, 2]
-    np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), to_unit_float(x[order]))
-    np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), labels[order])
-    assert got[0][0].dtype == np.float32 and got[0][1].dtype == labels.dtype
-
-    targets = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    x_b, y_b = train_mod.ScaledBatches(Arrays(x, targets), order, 4, image_targets=True)[2]
-    np.testing.assert_array_equal(y_b, to_unit_float(targets[order[8:]]))
-    x_b, y_b = train_mod.ScaledBatches(Arrays(x, x), order, 4, image_targets=True)[1]
-    assert y_b is x_b  # one array reconstructing itself is gathered and scaled once
-
-
-def test_data_parallel_batches_split_evenly_and_each_process_gets_its_share():
-    """On JAX every batch is sharded over the devices: the epoch's last batch
-    is cut to a multiple of them (never below), and each of several processes
-    gets its own contiguous share of every batch; the shares put side by side
-    are the one-process batch."""
-    from stages.distribution import Placement
-    from stages.experiment_data import Arrays
-
-    assert [Placement(4, batch_multiple=4).usable_rows(n, 8) for n in (32, 33, 35, 36, 39)] == [32, 32, 32, 36, 36]
-    assert Placement(4).usable_rows(13, 8) == 13  # TensorFlow splits uneven batches itself
-    rng = np.random.default_rng(2)
-    x = rng.integers(0, 256, (23, 3, 3, 1), dtype=np.uint8)
-    labels = np.arange(23)
-    order = rng.permutation(23)
-    whole = train_mod.ScaledBatches(Arrays(x, labels), order, 8, False, Placement(4, 1, 0, 4))
-    assert len(whole) == 3 and [len(whole[i][1]) for i in range(3)] == [8, 8, 4]  # 7 cut to 4: 3 left out
-    shares = [train_mod.ScaledBatches(Arrays(x, labels), order, 8, False, Placement(4, 2, index, 4))
-              for index in (0, 1)]
-    for i in range(3):
-        parts = [share[i] for share in shares]
-        assert len(parts[0][1]) == len(parts[1][1]) == len(whole[i][1]) // 2
-        np.testing.assert_array_equal(np.concatenate([part[1] for part in parts]), whole[i][1])
-        np.testing.assert_array_equal(np.concatenate([part[0] for part in parts]), whole[i][0])
-    np.testing.assert_array_equal(whole[2][1], order[16:20])
-
-
-def test_batches_made_on_the_device_are_the_host_batches_bit_for_bit():
-    """``data_on_device``: the uint8 arrays become backend tensors once; each
-    batch gathered and scaled there equals the NumPy one exactly (every pixel
-    value 0-255 occurs), labels included, and an autoencoder's one array is
-    still gathered once."""
-    import keras
-
-    from stages.experiment_data import Arrays
-
-    rng = np.random.default_rng(1)
-    x = rng.permutation(np.resize(np.arange(256, dtype=np.uint8), 11 * 5 * 5 * 3)).reshape(11, 5, 5, 3)
-    labels = np.arange(11) % 4
-    order = rng.permutation(11)
-    for arrays, image_targets in ((Arrays(x, labels), False), (Arrays(x, x[::-1].copy()), True)):
-        host = train_mod.ScaledBatches(arrays, order, 4, image_targets)
-        device_arrays = train_mod.on_device(arrays)
-        assert not isinstance(device_arrays.x, np.ndarray) and keras.ops.dtype(device_arrays.x) == "uint8"
-        device = train_mod.ScaledBatches(device_arrays, order, 4, image_targets)
-        assert len(device) == len(host) == 3
-        for i in range(len(host)):
-            for want, got in zip(host[i], device[i]):
-                assert not isinstance(got, np.ndarray)
-                got = keras.ops.convert_to_numpy(got)
-                assert got.dtype == want.dtype and got.shape == want.shape
-                assert np.array_equal(got, want)  # bit for bit, not approximately
-    same = train_mod.on_device(Arrays(x, x))
-    assert same.y is same.x
-    x_b, y_b = train_mod.ScaledBatches(same, order, 4, image_targets=True)[0]
-    assert y_b is x_b
-
-
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_data_on_device_trains_exactly_as_from_host_arrays(tmp_path, backend):
     """The same classifier trained from host arrays and from arrays on the
@@ -593,41 +513,6 @@ def test_data_on_device_trains_exactly_as_from_host_arrays(tmp_path, backend):
     device = json.loads((root / "models/device/history.json").read_text())
     assert set(host) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert device == host
-
-
-def test_fit_lets_the_images_go_before_the_last_epochs_checkpoint():
-    """Keras on TensorFlow keeps every PyDataset fit was given (tf.data's
-    generator registry); fit releases them, so the last checkpoint and the
-    saves after training run without the images, and no epoch's batches
-    (with their order) stay behind."""
-    import gc
-    import weakref
-
-    import keras
-
-    from stages.experiment_data import Arrays
-    from stages.experiment_params import Experiment
-
-    data = _dataset()
-    exp = Experiment.model_validate(CLS)
-    train = Arrays(data.splits["train"].images.copy(), data.splits["train"].labels)
-    val = Arrays(data.splits["val"].images.copy(), data.splits["val"].labels)
-    alive = [weakref.ref(train.x), weakref.ref(val.x)]
-    del data
-    model = train_mod.build("cls", exp, SHAPE, 3, 6, 3)
-    seen = []
-
-    def on_epoch(epoch, logs):
-        gc.collect()
-        seen.append([ref() is not None for ref in alive])
-        return 0.0, 0.0
-
-    train_mod.fit("cls", exp, train, val, model, 0, 3, {}, on_epoch)
-    assert seen == [[True, True], [True, True], [False, False]]
-    gc.collect()
-    kept = [obj for obj in gc.get_objects() if isinstance(obj, train_mod.ScaledBatches)]
-    assert all(obj.arrays is None and obj.order is None for obj in kept)
-    assert keras.backend.backend() != "tensorflow" or len(kept) >= 3  # what the release is for
 
 
 def test_the_model_file_is_the_last_checkpoint_zipped_as_keras_zips_it(lab, tmp_path):
@@ -667,3 +552,41 @@ def test_tensorflow_on_a_cpu_runs_one_op_at_a_time_unless_told_otherwise(env, ex
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == expected
+
+
+def test_fit_lets_the_images_go_before_the_last_epochs_checkpoint():
+    """Keras on TensorFlow keeps every PyDataset fit was given (tf.data's
+    generator registry); fit releases them at the last epoch's end, so the
+    last checkpoint and the saves after training run without the images, and
+    the batches (with their order) keep none behind."""
+    import gc
+    import weakref
+
+    import keras
+
+    from stages.callbacks import NanGuard
+    from stages.experiment_data import Arrays
+    from stages.experiment_params import Experiment
+    from stages.feeder import ScaledBatches
+    from stages.training import compiled_model
+
+    data = _dataset()
+    exp = Experiment.model_validate(CLS)
+    train = Arrays(data.splits["train"].images.copy(), data.splits["train"].labels)
+    val = Arrays(data.splits["val"].images.copy(), data.splits["val"].labels)
+    alive = [weakref.ref(train.x), weakref.ref(val.x)]
+    del data
+    model = compiled_model("cls", exp, SHAPE, 3, 6, 3)
+    seen = []
+
+    class Watch(keras.callbacks.Callback):  # where the checkpoint callback runs
+        def on_epoch_end(self, epoch, logs=None):
+            gc.collect()
+            seen.append([ref() is not None for ref in alive])
+
+    train_mod.fit("cls", exp, train, val, model, 0, 3, [Watch()], NanGuard())
+    assert seen == [[True, True], [True, True], [False, False]]
+    gc.collect()
+    kept = [obj for obj in gc.get_objects() if isinstance(obj, ScaledBatches)]
+    assert all(obj.arrays is None and obj.order is None for obj in kept)
+    assert keras.backend.backend() != "tensorflow" or len(kept) >= 2  # what the release is for

@@ -1,0 +1,236 @@
+"""An MLflow run's life: started or resumed, described, fed metrics, ended.
+
+Every stage that logs (train, evaluate, report) does so inside
+:func:`tracked_run`, which starts a run (or continues one, by id) and ends it
+FINISHED when the block completes, FAILED when it raises, KILLED when it is
+interrupted; a store that fails on the way in or out is a one-line
+:class:`~stages.mlflow_store.TrackingError`.
+
+MLflow records the source commit itself (``mlflow.source.git.commit``); a
+run's tags add what it lacks: the working tree's dirty flag, the DVC
+experiment name (``DVC_EXP_NAME``, set by ``dvc exp run``), the stage, the
+md5 of each input as ``dvc.lock`` records it, a hash of the params and the
+machine and versions (:mod:`stages.provenance`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from stages import atomic, provenance
+from stages.mlflow_store import TrackingError, connect, describe_failure, failures, tracking_label
+
+log = logging.getLogger(__name__)
+
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"a.b.c": "value"} for MLflow (which takes flat string params)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def run_tags(stage: str, data: list[str] = (), **extra: str) -> dict[str, str]:
+    """The tags MLflow has no field for (see the module's docstring), plus ``extra``."""
+    git = provenance.git_state()
+    tags = {"stage": stage, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "git_dirty": git["git_dirty"],
+            **{f"data_md5.{path}": md5 for path, md5 in provenance.data_hashes(list(data)).items()}, **extra}
+    if os.environ.get(provenance.SOURCE_COMMIT):  # a copy of the tree: MLflow's own reading would be wrong
+        tags[GIT_COMMIT_TAG] = git["git_commit"]
+    return tags
+
+
+def _start(run_id: str | None, name: str | None):
+    import mlflow
+
+    try:
+        return mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    except mlflow.exceptions.MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise TrackingError(
+                f"MLflow run {run_id} for '{name}' cannot be continued in {tracking_label()}: "
+                f"{describe_failure(exc)}. Was it logged to another tracking URI?") from None
+        action = f"continue run {run_id}" if run_id else "start a run"
+        raise TrackingError(f"MLflow store {tracking_label()}: cannot {action} for '{name}': "
+                            f"{describe_failure(exc)}") from None
+
+
+@contextmanager
+def tracked_run(experiment: str, what: str, *, run_id: str | None = None, name: str | None = None,
+                pending: Path | None = None) -> Iterator:
+    """The active MLflow run of the block, in MLflow experiment ``experiment``:
+    run ``run_id`` continued, or a new run named ``name``.
+
+    Ends FINISHED, FAILED (the block raised) or KILLED (interrupted); ending
+    after a failure is best effort (the store may be the cause). ``pending``:
+    a marker file naming the open run, so that a run whose process was killed
+    with no chance to end it is marked KILLED by the next one (:class:`PendingRun`).
+    ``what`` names the stage in errors."""
+    import mlflow
+
+    connect(experiment)
+    marker = PendingRun(pending) if pending else None
+    if marker:
+        marker.reap()
+    run = _start(run_id, name)
+    if marker:
+        marker.hold(run.info.run_id)
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):
+        end_quietly("KILLED")
+        raise
+    except BaseException:
+        end_quietly("FAILED")
+        raise
+    else:
+        with failures(what):
+            mlflow.end_run()
+    finally:
+        if marker:
+            marker.release()
+
+
+def end_quietly(status: str) -> None:
+    """End the active run as ``status`` if the store answers; a failure is only logged."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)
+    except Exception as exc:  # noqa: BLE001 - already failing; the store may be the cause
+        log.warning("MLflow run not marked %s: %s", status, describe_failure(exc))
+
+
+def abandon(run_id: str, what: str = "an interrupted training with other params or data") -> None:
+    """Mark a run left RUNNING by a process that is gone, and that nobody will continue, as KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            log.info("MLflow run %s of %s stage marked KILLED", run_id, what)
+    except Exception as exc:  # noqa: BLE001 - best effort: it may live in another store
+        log.info("MLflow run %s of %s stage not marked KILLED: %s", run_id, what, describe_failure(exc))
+
+
+class PendingRun:
+    """A marker file naming the run a stage has open, so that a run whose
+    process was killed (and which nobody will continue) is marked KILLED by the
+    next run of the stage instead of staying RUNNING forever."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def reap(self) -> None:
+        try:
+            pending = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return
+        if not atomic.process_alive(int(pending.get("pid", 0))):
+            abandon(pending["run_id"], "a killed")
+            self.marker.unlink(missing_ok=True)
+
+    def hold(self, run_id: str) -> None:
+        atomic.write_text(self.marker, json.dumps({"run_id": run_id, "pid": os.getpid()}))
+
+    def release(self) -> None:
+        self.marker.unlink(missing_ok=True)
+
+
+class MetricLog:
+    """Per-epoch metrics of one run, sent in one request per flush.
+
+    A store that does not answer does not stop training: the epochs stay in
+    the history (and the checkpoint) and go with a later flush. After a
+    failure the next try waits ``pause_s``, so an outage costs one timeout,
+    not one per epoch. ``flush(..., required=True)`` raises instead.
+    """
+
+    def __init__(self, run_id: str, logged: int = 0, pause_s: float = 30.0):
+        self.run_id, self.logged, self.pause_s = run_id, logged, pause_s
+        self._retry_at = 0.0
+
+    def flush(self, history: dict[str, list[float]], upto: int, required: bool = False) -> bool:
+        """Send epochs ``logged+1..upto``; True if all of them are now logged."""
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if self.logged >= upto:
+            return True
+        if not required and time.monotonic() < self._retry_at:
+            return False
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(values[step - 1]), now, step)
+                 for step in range(self.logged + 1, upto + 1) for key, values in history.items()]
+        try:
+            for start in range(0, len(batch), 1000):  # MLflow's limit per log_batch
+                MlflowClient().log_batch(self.run_id, metrics=batch[start:start + 1000], synchronous=True)
+        except Exception as exc:  # noqa: BLE001 - any store failure: keep training, say so once
+            reason = describe_failure(exc)
+            if required:
+                raise TrackingError(f"MLflow store {tracking_label()} did not take the metrics of run "
+                                    f"{self.run_id}: {reason}") from None
+            log.warning("MLflow store %s did not answer (%s); epochs %d-%d are kept and sent later",
+                        tracking_label(), reason, self.logged + 1, upto)
+            self._retry_at = time.monotonic() + self.pause_s
+            return False
+        self.logged = upto
+        return True
+
+
+def log_keras_model(model, example) -> None:
+    """Log the model as the run's ``model`` artifact, with signature and input example.
+
+    Saved through ``mlflow.keras.save_model`` into a folder created first:
+    MLflow 3.17's ``log_model`` writes the input example before it creates the
+    model folder and fails.
+    """
+    import tempfile
+
+    import keras
+    import mlflow
+    import numpy as np
+
+    # the output's shape and dtype from the model's graph, not a prediction: with several processes a
+    # prediction is a collective computation that the chief cannot run alone
+    spec = model.compute_output_spec(keras.KerasTensor(example.shape, dtype=str(example.dtype)))
+    signature = mlflow.models.infer_signature(example, np.zeros(spec.shape, dtype=spec.dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        mlflow.keras.save_model(model, str(folder), signature=signature, input_example=example,
+                                pip_requirements=[f"keras=={keras.__version__}"])
+        mlflow.log_artifacts(str(folder), "model")
+
+
+def save_run_ref(path: Path, run_id: str, experiment_id: str, trained: dict | None = None) -> None:
+    """The DVC output that tells later stages (and people) which MLflow run
+    this is and, as ``trained``, how the model was trained: where (machine,
+    backend, versions, commit), how many epochs and how long."""
+    ref = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()}
+    if trained is not None:
+        ref["trained"] = trained
+    atomic.write_text(path, json.dumps(ref, indent=2) + "\n")
+
+
+def load_run_ref(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrackingError(f"{path}: not found; run the train stage first") from None
+    except json.JSONDecodeError as exc:
+        raise TrackingError(f"{path}: not valid JSON ({exc})") from None

@@ -1,0 +1,84 @@
+"""stages/mlflow_store.py: which MLflow store, its credentials and its failures."""
+
+
+import os
+from pathlib import Path
+
+
+from stages import mlflow_run, mlflow_store
+
+
+def test_default_store_is_the_project_database(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_store.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_queued_and_temp_experiments_log_into_the_project_store(tmp_path, monkeypatch):
+    # dvc exp run --queue / --temp runs the stages in a copy under .dvc/tmp/exps
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(copy)
+    assert mlflow_store.project_root() == (tmp_path / "proj").resolve()
+    assert mlflow_store.tracking_uri() == f"sqlite:///{(tmp_path / 'proj').resolve() / 'mlflow.db'}"
+
+
+def test_environment_variable_wins_and_its_credentials_are_never_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.org")
+    assert mlflow_store.tracking_uri() == "https://alice:s3cret@mlflow.example.org"
+    mlflow_run.save_run_ref(tmp_path / "run.json", "abc", "1")
+    text = (tmp_path / "run.json").read_text()
+    assert "s3cret" not in text and "mlflow.example.org" in text
+
+
+def test_use_store_hands_credentials_to_mlflow_as_basic_auth(tmp_path, monkeypatch):
+    import mlflow
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", *mlflow_store.HTTP_DEFAULTS):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:secret@127.0.0.1:9")
+    try:
+        assert mlflow_store.use_store() == "http://127.0.0.1:9"
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ann" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "secret"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "6"  # bounded unless the user says otherwise
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_failures_are_described_in_one_line_without_credentials(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    refused = Exception("API request to http://127.0.0.1:9/api failed: Max retries exceeded "
+                        "(Caused by NewConnectionError(': Failed to establish a new connection: "
+                        "[Errno 111] Connection refused'))")
+    assert mlflow_store.describe_failure(refused) == "connection refused (3 tries)"
+    other = Exception("Bad request to https://bob:hunter2@host/api\nsecond line")
+    assert mlflow_store.describe_failure(other) == "Bad request to https://***@host/api"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    assert mlflow_store.describe_failure(Exception("(sqlite3.OperationalError) database is locked")) == "database is locked"
+
+
+def test_stages_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):
+    """Six processes (the GPU machine's side-by-side seed runs, or queued
+    experiments) connecting at the same moment to a store that does not exist
+    yet: one creates its tables and experiments while the others wait, and
+    every one gets the same experiment ids."""
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "mlflow.db"
+    start = time.time() + 6  # after every process has imported MLflow
+    script = ("import sys, time; from stages import mlflow_store; "
+              f"time.sleep(max(0, {start} - time.time())); "
+              "print(mlflow_store.connect('autoencoders'), mlflow_store.connect('classifiers'))")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
+    failed = [err[-800:] for _, err, code in results if code != 0]
+    assert not failed, failed
+    assert len({out.strip() for out, _, _ in results}) == 1  # the same two experiments for all
