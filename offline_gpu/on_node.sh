@@ -8,7 +8,8 @@
 # IMAGEPIPE_SOURCE_COMMIT names the commit the copy was made from (the runs'
 # MLflow tags and run.json record it; the copy may have no .git of its own).
 # First the kit's wheels are installed into GPU_SITE (default /tmp/site; kept
-# for later runs on the same node) and the kit's settings written into the
+# for later runs on the same node, as is GPU_WORK, default /tmp/offline_gpu,
+# where the parts keep what a later run reads) and the kit's settings written into the
 # copy's params.yaml (the mirror's CIFAR-10 copy, cifar10_jpeg, and any --set
 # of the kit), so that the stages and dvc commit read the same params.
 #
@@ -47,7 +48,8 @@ cd "$(dirname "$0")/.."
 KIT=${GPU_KIT:-.gpu}
 OUT=${OUT:-/tmp/offline_gpu_out}
 SITE=${GPU_SITE:-/tmp/site}
-mkdir -p "$OUT"
+WORK=${GPU_WORK:-/tmp/offline_gpu}
+mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/on_node.log") 2>&1
 
 if [ ! -d "$KIT/whl" ] || [ ! -d "$KIT/mirror" ]; then
@@ -78,14 +80,14 @@ EXPERIMENTS=$(cat "$KIT/experiments.txt")
 FAST=cifar10_fast
 finished() { python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1])).get('experiments', {})))" "$1"; }
 if [ "${EXTRA_RUNS:-}" = auto ]; then
-    earlier=" $(for f in /tmp/gpu_fast/summary.json /tmp/gpu_runs/summary.json; do [ -f $f ] && finished $f; done | tr "\n" " ") "
+    earlier=" $(for f in "$WORK/fast/summary.json" "$WORK/runs/summary.json"; do [ -f "$f" ] && finished "$f"; done | tr "\n" " ") "
     EXTRA_RUNS=$(for state in checkpoints/*/state.json; do
         name=$(basename "$(dirname "$state")"); [ -f "$state" ] && [[ "$earlier" != *" $name "* ]] && echo "$name"
     done)
     echo "on_node: finishing here what an earlier run left: ${EXTRA_RUNS:-none}"
 fi
 OTHERS="$(echo "$EXPERIMENTS" | grep -vx "$FAST") ${EXTRA_RUNS:-}"
-STATE=/tmp/offline_gpu_state.tar.gz  # what an earlier commit part on this node left (restore brings it back)
+STATE="$WORK/state.tar.gz"  # what an earlier commit part on this node left (restore brings it back)
 if [ "${GPU_REHEARSAL:-0}" = 1 ]; then
     FRACTION=0.05 EPOCHS=2 RUN_SET=(--set limits.max_epochs=1 --set limits.max_samples=${REHEARSAL_SAMPLES:-2000})
 else
@@ -109,24 +111,24 @@ for part in "$@"; do
         if [ -f "$STATE" ]; then tar xzf "$STATE" && echo "restored the earlier run's dvc.lock and outputs"
         else echo "on_node: nothing to restore (no earlier commit part on this node)"; fi ;;
     data)
-        python3 -m offline_gpu.runs --data-only --det-runs 0 --out /tmp/gpu_data "${RUN_SET[@]}" $EXPERIMENTS \
-            && cp /tmp/gpu_data/summary.json "$OUT/data.json" ;;
+        python3 -m offline_gpu.runs --data-only --det-runs 0 --out "$WORK/data" "${RUN_SET[@]}" $EXPERIMENTS \
+            && cp "$WORK/data/summary.json" "$OUT/data.json" ;;
     fast)
         if echo "$EXPERIMENTS" | grep -qx "$FAST"; then
-            python3 -m offline_gpu.runs --no-data --det-runs 0 --out /tmp/gpu_fast "${RUN_SET[@]}" $FAST || failed=1
-            cp /tmp/gpu_fast/summary.json "$OUT/fast.json"; cp /tmp/gpu_fast/results.tar.gz "$OUT/fast_results.tar.gz"
-            cp /tmp/gpu_fast/logs.tar.gz "$OUT/fast_logs.tar.gz"
+            python3 -m offline_gpu.runs --no-data --det-runs 0 --out "$WORK/fast" "${RUN_SET[@]}" $FAST || failed=1
+            cp "$WORK/fast/summary.json" "$OUT/fast.json"; cp "$WORK/fast/results.tar.gz" "$OUT/fast_results.tar.gz"
+            cp "$WORK/fast/logs.tar.gz" "$OUT/fast_logs.tar.gz"
             [ $failed = 0 ]
         fi ;;
     runs)
-        python3 -m offline_gpu.runs --no-data --det-runs 0 --out /tmp/gpu_runs --deadline-s "${RUNS_DEADLINE_S:-420}" \
+        python3 -m offline_gpu.runs --no-data --det-runs 0 --out "$WORK/runs" --deadline-s "${RUNS_DEADLINE_S:-420}" \
             "${RUN_SET[@]}" $OTHERS || failed=1
-        cp /tmp/gpu_runs/summary.json "$OUT/runs.json"; cp /tmp/gpu_runs/results.tar.gz "$OUT/results.tar.gz"
-        cp /tmp/gpu_runs/logs.tar.gz "$OUT/runs_logs.tar.gz"
+        cp "$WORK/runs/summary.json" "$OUT/runs.json"; cp "$WORK/runs/results.tar.gz" "$OUT/results.tar.gz"
+        cp "$WORK/runs/logs.tar.gz" "$OUT/runs_logs.tar.gz"
         [ $failed = 0 ] ;;
     commit)
         done_=""
-        for summary in /tmp/gpu_fast/summary.json /tmp/gpu_runs/summary.json; do
+        for summary in "$WORK/fast/summary.json" "$WORK/runs/summary.json"; do
             [ -f "$summary" ] && done_="$done_ $(finished "$summary")"
         done
         # the data stages ran as commands too: committed, their outputs (the same md5 as at home) enter the cache
@@ -162,7 +164,7 @@ print(' '.join([f'{s}@{d}' for d in datasets for s in ('download', 'prepare')] +
         python3 -m benchmarks.bench_train --experiments mnist_cae cifar10_cnn --fraction "$FRACTION" \
             --epochs "$EPOCHS" --out "$OUT/bench.json" ;;
     options)
-        mkdir -p /tmp/gpu_options
+        mkdir -p "$WORK/options"
         i=0
         for option in "" \
                       "training.data_on_device=true" \
@@ -177,9 +179,9 @@ print(' '.join([f'{s}@{d}' for d in datasets for s in ('download', 'prepare')] +
                 case $item in XLA_FLAGS=*) flags=${item#XLA_FLAGS=} ;; *) sets+=(--set "$item") ;; esac
             done
             XLA_FLAGS=$flags python3 -m benchmarks.bench_train --ours-only --train-only --experiments mnist_cae \
-                --fraction "$FRACTION" --epochs "$EPOCHS" "${sets[@]}" --out "/tmp/gpu_options/option$i.json" \
+                --fraction "$FRACTION" --epochs "$EPOCHS" "${sets[@]}" --out "$WORK/options/option$i.json" \
                 || failed=1
-            if [ -n "$flags" ]; then python3 - "/tmp/gpu_options/option$i.json" "$flags" <<'PY' || failed=1
+            if [ -n "$flags" ]; then python3 - "$WORK/options/option$i.json" "$flags" <<'PY' || failed=1
 import json, sys
 path, flags = sys.argv[1:]
 result = json.load(open(path))
@@ -188,7 +190,7 @@ json.dump(result, open(path, "w"), indent=2)
 PY
             fi
         done
-        tar czf "$OUT/options.tar.gz" -C /tmp gpu_options && [ $failed = 0 ] ;;
+        tar czf "$OUT/options.tar.gz" -C "$WORK" options && [ $failed = 0 ] ;;
     *)
         echo "on_node: unknown part '$part' (restore, data, fast, runs, commit, report, cost, bench, options)"; exit 2 ;;
     esac

@@ -192,7 +192,7 @@ def main() -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu_runs_"))
+    work = Path(tempfile.mkdtemp(prefix="offline_gpu_runs_"))
     logs = work / "logs"
     logs.mkdir()
     if args.set:
