@@ -21,9 +21,12 @@ class ScaledBatches(keras.utils.PyDataset):
     accelerator (:func:`on_device`): batches are then made there.
 
     With ``seed``, epoch *e* visits the images in the permutation seeded from
-    ``(seed, e)``, starting at epoch ``epoch`` and moving on at each epoch's
-    end, so a run resumed at any epoch sees the batches an uninterrupted one
-    does; without it, in their order (validation).
+    ``(seed, e)``, so a run resumed at any epoch sees the batches an
+    uninterrupted one does; without it, in their order (validation). ``fit``
+    names the epoch through :class:`EpochOrder`: Keras calls the dataset's own
+    ``on_epoch_end`` also once when ``fit`` starts (after reading two batches
+    for their shapes), so counting its calls would train epoch *e* on the
+    order of *e + 1*.
 
     Data-parallel (``placement``): the order is cut so that the last batch
     splits over the devices, and a process of several yields only its share
@@ -42,9 +45,9 @@ class ScaledBatches(keras.utils.PyDataset):
         order = np.arange(count) if self.seed is None else np.random.default_rng([self.seed, self.epoch]).permutation(count)
         return order[:self.rows]
 
-    def on_epoch_end(self) -> None:
-        if self.seed is not None and self.arrays is not None:
-            self.epoch += 1
+    def start_epoch(self, epoch: int) -> None:
+        if self.seed is not None and epoch != self.epoch:
+            self.epoch = epoch
             self.order = self._order()
 
     def __len__(self) -> int:
@@ -65,6 +68,19 @@ class ScaledBatches(keras.utils.PyDataset):
         if self.image_targets:
             return x, gather_scaled(self.arrays.y, rows)
         return x, gather(self.arrays.y, rows)
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Gives ``batches`` the epoch that is starting, before Keras draws its
+    first batch (its iterators over a PyDataset, and TensorFlow's prefetching
+    of one, draw nothing before that)."""
+
+    def __init__(self, batches: ScaledBatches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.start_epoch(epoch)
 
 
 def gather(array, rows: np.ndarray):

@@ -4,7 +4,7 @@ Writes ``models/<experiment>/model.keras``, ``history.json`` and ``run.json``
 (the MLflow run id, which the evaluate stage logs into, and where, with what
 and how long the model was trained). One ``model.fit`` trains every epoch,
 each over the permutation seeded from ``(seed, epoch)``
-(:class:`stages.feeder.ScaledBatches`); its callbacks (:mod:`stages.callbacks`)
+(:mod:`stages.feeder`); its callbacks (:mod:`stages.callbacks`)
 stop at a NaN loss, checkpoint to ``checkpoints/<experiment>/`` at most once
 every ``training.checkpoint_interval_s`` seconds and after the last epoch,
 and send each epoch's metrics to MLflow. A run that was killed resumes from
@@ -31,7 +31,7 @@ from stages.callbacks import Checkpointing, EpochLog, History, LetGo, MlflowMetr
 from stages.checkpoint import Checkpoint, State  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
-from stages.feeder import ScaledBatches, on_device  # noqa: E402
+from stages.feeder import EpochOrder, ScaledBatches, on_device  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
 from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, run_tags, save_run_ref,  # noqa: E402
                                tracked_run)
@@ -70,7 +70,7 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     holders = (batches, validation, *given, train, val)  # the caller's arrays, and their device copies
     try:
         model.fit(batches, epochs=epochs, initial_epoch=start, shuffle=False, validation_data=validation,
-                  callbacks=[guard, LetGo(epochs, holders), *callbacks], verbose=1 if sys.stderr.isatty() else 0)
+                  callbacks=[EpochOrder(batches), guard, LetGo(epochs, holders), *callbacks], verbose=1 if sys.stderr.isatty() else 0)
     finally:
         for holder in holders:
             holder.release()

@@ -35,22 +35,55 @@ def test_batches_are_scaled_one_at_a_time_in_the_epochs_order():
     assert y_b is x_b  # one array reconstructing itself is gathered and scaled once
 
 
-def test_each_epoch_end_moves_to_the_next_epochs_order_and_validation_keeps_its_own():
-    """A run resumed at epoch 3 sees the batches an uninterrupted run sees from epoch 3 on."""
+def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_order():
+    """In a real ``fit`` (the backend's own iterators and prefetching), epoch
+    *e* draws exactly the batches of the order seeded from (seed, e), also
+    when it starts at a later epoch (a resumed run); the validation batches
+    keep their order."""
+    import keras
+
+    from stages.feeder import EpochOrder
+
     x = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1)
-    labels = np.arange(12)
-    from_start = ScaledBatches(Arrays(x, labels), 5, False, seed=3, epoch=0)
-    resumed = ScaledBatches(Arrays(x, labels), 5, False, seed=3, epoch=3)
-    for epoch in range(5):
-        seen = np.concatenate([from_start[i][1] for i in range(len(from_start))])
-        np.testing.assert_array_equal(seen, _order(3, epoch, 12))
-        if epoch >= 3:
-            np.testing.assert_array_equal(np.concatenate([resumed[i][1] for i in range(3)]), seen)
-            resumed.on_epoch_end()
-        from_start.on_epoch_end()
-    validation = ScaledBatches(Arrays(x, labels), 5, False)
-    validation.on_epoch_end()
-    np.testing.assert_array_equal(np.concatenate([validation[i][1] for i in range(3)]), labels)
+    labels = np.arange(12) % 2
+    drawn = []
+
+    class Seen(ScaledBatches):
+        def __getitem__(self, index):
+            batch = super().__getitem__(index)
+            drawn.append((self.seed, self.epoch, tuple(np.asarray(batch[0]).ravel())))
+            return batch
+
+    class Epoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            drawn.append(("fit", epoch))
+
+    inputs = keras.Input((1, 1, 1))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs)))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    for start in (0, 3):
+        drawn.clear()
+        batches = Seen(Arrays(x, labels), 5, False, seed=3, epoch=start)
+        model.fit(batches, epochs=5, initial_epoch=start, validation_data=Seen(Arrays(x, labels), 5, False),
+                  callbacks=[EpochOrder(batches), Epoch()], shuffle=False, verbose=0)
+        epoch = None
+        for entry in drawn:
+            if entry[0] == "fit":
+                epoch = entry[1]
+                continue
+            if epoch is None:  # Keras reading batches for their shapes before the first epoch
+                continue
+            seed, order_epoch, pixels = entry
+            if seed is None:
+                continue
+            assert order_epoch == epoch
+        for epoch in range(start, 5):  # every training batch of the epoch, in the epoch's order
+            at = drawn.index(("fit", epoch))
+            following = [e for e in drawn[at + 1:at + 1 + 6] if e[0] == 3][:3]
+            pixels = np.concatenate([np.array(e[2]) for e in following])
+            np.testing.assert_array_equal(pixels, to_unit_float(x[_order(3, epoch, 12)]).ravel())
+        validation = [np.array(e[2]) for e in drawn if e[0] is None][-3:]
+        np.testing.assert_array_equal(np.concatenate(validation), to_unit_float(x).ravel())
 
 
 def test_data_parallel_batches_split_evenly_and_each_process_gets_its_share():
