@@ -10,12 +10,15 @@ the same file right now) are left alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from stages.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +92,14 @@ def replacing(target: Path, directory: bool = False) -> Iterator[Path]:
 def write_text(target: Path, text: str) -> None:
     with replacing(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path, written_by: str, error: type[Exception] = PipelineError) -> dict:
+    """A JSON file another stage wrote (``written_by``, e.g. ``evaluate@x``),
+    or ``error`` naming the file and what to run."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: not found; run {written_by} first") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None

@@ -228,9 +228,4 @@ def save_run_ref(path: Path, run_id: str, experiment_id: str, trained: dict | No
 
 
 def load_run_ref(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrackingError(f"{path}: not found; run the train stage first") from None
-    except json.JSONDecodeError as exc:
-        raise TrackingError(f"{path}: not valid JSON ({exc})") from None
+    return atomic.read_json(path, "the train stage", TrackingError)

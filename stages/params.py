@@ -318,29 +318,23 @@ def load(path: Path | str = PARAMS_FILE) -> Params:
     return parse(raw)
 
 
-def dataset(params: Params, name: str) -> Dataset:
-    """The named dataset's section, or an error suggesting the nearest name."""
+def _entry(params: Params, section: str, name: str):
+    """``params.<section>[name]``, or an error suggesting the nearest name."""
+    entries = getattr(params, section)
     try:
-        return params.datasets[name]
+        return entries[name]
     except KeyError:
-        raise ParamsError(
-            f"{PARAMS_FILE}: no dataset 'datasets.{name}'{_suggest(name, params.datasets)}"
-        ) from None
+        raise ParamsError(f"{PARAMS_FILE}: no {section.rstrip('s')} '{section}.{name}'{_suggest(name, entries)}") \
+            from None
+
+
+def dataset(params: Params, name: str) -> Dataset:
+    return _entry(params, "datasets", name)
 
 
 def experiment(params: Params, name: str) -> Experiment:
-    try:
-        return params.experiments[name]
-    except KeyError:
-        raise ParamsError(
-            f"{PARAMS_FILE}: no experiment 'experiments.{name}'{_suggest(name, params.experiments)}"
-        ) from None
+    return _entry(params, "experiments", name)
 
 
 def corruption(params: Params, name: str):
-    try:
-        return params.corruptions[name]
-    except KeyError:
-        raise ParamsError(
-            f"{PARAMS_FILE}: no corruption 'corruptions.{name}'{_suggest(name, params.corruptions)}"
-        ) from None
+    return _entry(params, "corruptions", name)

@@ -293,15 +293,6 @@ def render_html(rows: list[Row], not_evaluated: tuple[str, ...] = ()) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run {what} first") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
-
-
 def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row]) -> str:
     """One MLflow run grouping the experiments' runs, with ``pages`` ({file name: text}); returns its id."""
     import mlflow
@@ -343,7 +334,7 @@ def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, mode
         if not_evaluated:
             log.info("report: leaving out %d not evaluated yet: %s", len(not_evaluated), ", ".join(not_evaluated))
     log.info("report: %d experiments from %s/, %s/ and %s/", len(experiments), metrics_dir, models_dir, reports_dir)
-    metrics = {name: _read_json(metrics_dir / f"{name}.json", f"evaluate@{name}") for name in experiments}
+    metrics = {name: atomic.read_json(metrics_dir / f"{name}.json", f"evaluate@{name}") for name in experiments}
     rows = build_rows(experiments, metrics)
     for row in rows:
         wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
