@@ -23,8 +23,8 @@ side and take turns, one epoch each (the order alternating every round, so
 a steady drift cancels), and the ratio is taken round by round from epochs
 that ran seconds apart. The first round (compiling, the other process still
 starting) and the last (each process's exit work) are left out. The stage
-waits for its turn where it calls ``Model.fit``, once per epoch (the
-wrapper adds that wait; everything else is the stage as DVC runs it), so a
+waits for its turn as each epoch begins (a callback added to the callbacks
+it gives ``Model.fit``; everything else is the stage as DVC runs it), so a
 turn holds all its per-epoch work: the epoch (its batches scaled as they
 are drawn), the validation pass, the checkpoint and the MLflow batch.
 
@@ -372,18 +372,22 @@ def paired(seed_s: list[float], ours_s: list[float]) -> dict:
 
 def ours_run(name: str) -> int:
     """Our train stage, as ``python -m stages.train NAME`` runs it, with a
-    turn taken at every ``Model.fit`` call (the stage makes one per epoch).
-    Run with ``python -m`` in the scratch project, its ``stages`` come first."""
+    turn taken as each epoch begins, after the stage's own callbacks (the
+    seed's script takes its turns at the same point). Run with ``python -m``
+    in the scratch project, its ``stages`` come first."""
     import keras
 
     turns = Turns.from_env()
     fit = keras.Model.fit
 
-    def fit_in_turn(self, *args, **kwargs):
-        turns.next()
-        return fit(self, *args, **kwargs)
+    class TakeTurns(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            turns.next()
 
-    keras.Model.fit = fit_in_turn
+    def fit_in_turns(self, *args, callbacks=None, **kwargs):
+        return fit(self, *args, callbacks=[*(callbacks or []), TakeTurns()], **kwargs)
+
+    keras.Model.fit = fit_in_turns
     from stages import train
 
     return train.main([name])
