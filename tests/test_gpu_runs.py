@@ -52,20 +52,16 @@ def test_a_stage_past_the_deadline_is_stopped(tmp_path):
                      {"PATH": "/usr/bin:/bin"}, deadline=gpu_runs.Deadline(0.0))
 
 
-def test_the_commands_are_dvc_yamls_and_a_copy_writes_under_its_prefix(tmp_path):
+def test_the_commands_are_dvc_yamls_and_a_copy_writes_under_its_prefix(tmp_path, monkeypatch):
     """The stages run with exactly dvc.yaml's commands (so dvc commit records
     them); a determinism copy's train and evaluate write only under its folder."""
     item = PARAMS["experiments"]["mnist_cae"]
     seen = []
-    gpu_runs.run, run = (lambda cmd, label, log_file, env, deadline=None: seen.append((cmd, label))), gpu_runs.run
-    try:
-        gpu_runs.run_stage("evaluate", "mnist_cae", item, params=Path("p.yaml"), logs=tmp_path, env={})
-        gpu_runs.run_stage("train", "mnist_cae", item, params=Path("p.yaml"), logs=tmp_path, env={},
+    monkeypatch.setattr(gpu_runs, "run", lambda cmd, label, log_file, env, deadline=None: seen.append((cmd, label)))
+    gpu_runs.run_stage("evaluate", "mnist_cae", item, params=Path("p.yaml"), logs=tmp_path, env={})
+    for stage in ("train", "evaluate"):
+        gpu_runs.run_stage(stage, "mnist_cae", item, params=Path("p.yaml"), logs=tmp_path, env={},
                            prefix=tmp_path / "det0")
-        gpu_runs.run_stage("evaluate", "mnist_cae", item, params=Path("p.yaml"), logs=tmp_path, env={},
-                           prefix=tmp_path / "det0")
-    finally:
-        gpu_runs.run = run
     [(plain, label), (train, _), (evaluate, det_label)] = seen
     words = PIPELINE["evaluate"]["do"]["cmd"].replace("${key}", "mnist_cae").split()[1:]
     assert plain == [sys.executable, *words, "--params", "p.yaml"] and label == "evaluate@mnist_cae"
