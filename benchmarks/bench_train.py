@@ -372,20 +372,21 @@ def paired(seed_s: list[float], ours_s: list[float]) -> dict:
 
 def ours_run(name: str) -> int:
     """Our train stage, as ``python -m stages.train NAME`` runs it, with a
-    turn taken as each epoch begins, after the stage's own callbacks (the
-    seed's script takes its turns at the same point). Run with ``python -m``
-    in the scratch project, its ``stages`` come first."""
+    turn taken as each epoch begins (a callback put first into the stage's
+    one ``Model.fit``), as the seed's script takes it: a turn holds an epoch
+    and the stage's work at its end (checkpoint, MLflow batch).
+    Run with ``python -m`` in the scratch project, its ``stages`` come first."""
     import keras
 
     turns = Turns.from_env()
     fit = keras.Model.fit
 
-    class TakeTurns(keras.callbacks.Callback):
+    class Turn(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             turns.next()
 
-    def fit_in_turns(self, *args, callbacks=None, **kwargs):
-        return fit(self, *args, callbacks=[*(callbacks or []), TakeTurns()], **kwargs)
+    def fit_in_turns(self, *args, **kwargs):
+        return fit(self, *args, **{**kwargs, "callbacks": [Turn(), *(kwargs.get("callbacks") or [])]})
 
     keras.Model.fit = fit_in_turns
     from stages import train
