@@ -106,10 +106,10 @@ def describe(name: str, exp: Experiment, epochs: int, data: ExperimentData, samp
                                  **{f"env.{k}": v for k, v in provenance.environment().items()}))
 
 
-def save_outputs(out: Path, checkpoint: Checkpoint, state: State, history: dict, run, trained: dict) -> None:
-    """``model.keras`` (the last checkpoint: the last epoch is always checkpointed), ``history.json``, ``run.json``."""
+def save_outputs(out: Path, checkpoint: Checkpoint, model: keras.Model, history: dict, run, trained: dict) -> None:
+    """``model.keras``, ``history.json`` and ``run.json``."""
     with atomic.replacing(out, directory=True) as folder:
-        checkpoint.export(state, folder / "model.keras")
+        checkpoint.export(model, folder / "model.keras")
         (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         save_run_ref(folder / "run.json", run.info.run_id, run.info.experiment_id,
                      {**trained, **provenance.environment(), **provenance.git_state()})
@@ -172,7 +172,7 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
                 f"store {tracking_label()} failed ({describe_failure(exc)}); run the stage again when it "
                 "answers: it logs the run without training again") from None
         # this process's share when it resumed a killed run (resumed_at_epoch > 0)
-        save_outputs(out, checkpoint, state, history, run, {
+        save_outputs(out, checkpoint, model, history, run, {
             "epochs": epochs, "resumed_at_epoch": start, "seconds": round(time.perf_counter() - started, 1),
             "fit_seconds": round(fit_s, 1)})
     state.complete = True
