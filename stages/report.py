@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -70,7 +70,8 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     holders = (batches, validation, *given, train, val)  # the caller's arrays, and their device copies
     try:
         model.fit(batches, epochs=epochs, initial_epoch=start, shuffle=False, validation_data=validation,
-                  callbacks=[EpochOrder(batches), guard, LetGo(epochs, holders), *callbacks], verbose=1 if sys.stderr.isatty() else 0)
+                  callbacks=[EpochOrder(batches), guard, LetGo(epochs, holders), *callbacks],
+                  verbose=1 if sys.stderr.isatty() else 0)  # Keras' bar on a terminal; our line per epoch always
     finally:
         for holder in holders:
             holder.release()
@@ -172,9 +173,10 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
                 f"store {tracking_label()} failed ({describe_failure(exc)}); run the stage again when it "
                 "answers: it logs the run without training again") from None
         # this process's share when it resumed a killed run (resumed_at_epoch > 0)
-        save_outputs(out, checkpoint, model, history, run, {
-            "epochs": epochs, "resumed_at_epoch": start, "seconds": round(time.perf_counter() - started, 1),
-            "fit_seconds": round(fit_s, 1)})
+        with placement.alone():
+            save_outputs(out, checkpoint, model, history, run, {
+                "epochs": epochs, "resumed_at_epoch": start, "seconds": round(time.perf_counter() - started, 1),
+                "fit_seconds": round(fit_s, 1)})
     state.complete = True
     checkpoint.write(state)
     return history

@@ -82,3 +82,15 @@ def test_no_module_imports_a_stage_entry_point():
     offenders = [f"{path.name} imports {sorted(imported_modules(path) & entries)}"
                  for path in sorted((REPO / PACKAGE).glob("*.py")) if imported_modules(path) & entries]
     assert not offenders, offenders
+
+
+def test_the_params_schema_imports_no_model_code_and_no_function_grows_past_60_lines():
+    """The pydantic schema stays importable without Keras (the data stages
+    validate params.yaml with it), and the code stays in small functions."""
+    assert imported_modules(REPO / PACKAGE / "experiment_params.py") == set()
+    long = []
+    for path in sorted((REPO / PACKAGE).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
