@@ -51,7 +51,10 @@ class Training(_Strict):
     metrics: tuple[Literal["accuracy"], ...] = ()  # extra Keras metrics, as the seeds asked for
     mixed_precision: bool = False  # bf16 compute, float32 variables
     jit_compile: bool | Literal["auto"] = "auto"  # XLA
-    steps_per_execution: Positive = 1
+    # batches per call into the backend, callbacks once per call; the same
+    # steps and updates. On TensorFlow they run in one graph loop, so fewer
+    # Python round trips (docs/benchmarks.md)
+    steps_per_execution: Positive = 16
     # update the weights every N batches with their mean gradient: the optimizer
     # sees batch_size x N images a step while only batch_size are in memory
     gradient_accumulation_steps: Annotated[int, Field(ge=2)] | None = None
@@ -63,9 +66,10 @@ class Training(_Strict):
     data_on_device: bool = False
     # seconds of training between checkpoints: after an epoch one is written
     # only once this many have passed since the last (0: after every epoch);
-    # the last epoch always gets one. It changes no result (a resumed run ends
-    # as an uninterrupted one), so it is not part of the checkpoint's fingerprint
-    checkpoint_interval_s: Annotated[float, Field(ge=0)] = 30.0
+    # the last epoch always gets one; a kill loses at most this much training
+    # and one epoch. It changes no result (a resumed run ends as an
+    # uninterrupted one), so it is not part of the checkpoint's fingerprint
+    checkpoint_interval_s: Annotated[float, Field(ge=0)] = 120.0
 
     @model_validator(mode="after")
     def _options_fit(self) -> "Training":

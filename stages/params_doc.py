@@ -78,7 +78,6 @@ NOTES = {
     "Training.epochs": "epochs to train (capped by `limits.max_epochs`)",
     "Training.batch_size": "images per step (the global batch under `data_parallel`)",
     "Training.seed": "seeds weights, shuffling, dropout and augmentation",
-    "Training.steps_per_execution": "batches Keras runs per call into the backend (callbacks once per call)",
     "ConvAutoencoder.filters": "3x3 conv filters per encoder level; the decoder mirrors them",
     "ConvAutoencoder.poolings": "2x2 poolings in the encoder (the latent side is the image side / 2^poolings)",
     "ConvAutoencoder.activation": "activation of the convs",

@@ -188,7 +188,7 @@ def test_each_epoch_logs_its_time_and_its_checkpoint_and_tracking_times(lab, cap
     after = bench.after_epoch(lines)
     assert len(after["checkpoint_s"]) == len(after["tracking_s"]) == 3, lines
     assert all(float(line[1]) > 0 for line in lines), lines
-    # the default checkpoint_interval_s (30 s) is longer than these epochs: only the last one is checkpointed
+    # the default checkpoint_interval_s (120 s) is longer than these epochs: only the last one is checkpointed
     assert after["checkpoint_s"][:2] == [0.0, 0.0] and after["checkpoint_s"][2] > 0, lines
     assert json.loads((lab / "checkpoints/ae/state.json").read_text())["variables"] == "variables-3.npz"
 
