@@ -53,8 +53,9 @@ class Training(_Strict):
     jit_compile: bool | Literal["auto"] = "auto"  # XLA
     # batches per call into the backend, callbacks once per call; the same
     # steps and updates. On TensorFlow they run in one graph loop, so fewer
-    # Python round trips (docs/benchmarks.md)
-    steps_per_execution: Positive = 16
+    # Python round trips (docs/benchmarks.md). Unset: 16 on one device, 1
+    # with data_parallel (TensorFlow's MirroredStrategy fails with more)
+    steps_per_execution: Positive | None = None
     # update the weights every N batches with their mean gradient: the optimizer
     # sees batch_size x N images a step while only batch_size are in memory
     gradient_accumulation_steps: Annotated[int, Field(ge=2)] | None = None
@@ -70,6 +71,11 @@ class Training(_Strict):
     # and one epoch. It changes no result (a resumed run ends as an
     # uninterrupted one), so it is not part of the checkpoint's fingerprint
     checkpoint_interval_s: Annotated[float, Field(ge=0)] = 120.0
+
+    @property
+    def steps_per_call(self) -> int:
+        """``steps_per_execution``, or its default when unset."""
+        return self.steps_per_execution or (16 if self.distribution == "none" else 1)
 
     @model_validator(mode="after")
     def _options_fit(self) -> "Training":

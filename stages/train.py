@@ -205,7 +205,7 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
         if not placement.chief:  # trains its share of every batch; writes nothing
             guard = NanGuard()
             fit(name, exp, train_arrays, val_arrays, model, state.epoch if state else 0, epochs,
-                [History(guard, {})], guard, placement)
+                [History(guard, {}), EpochLog(name, epochs, {})], guard, placement)
             log.info("train %s: process %d of %d done; process 0 writes the model, checkpoints and MLflow run",
                      name, placement.index, placement.processes)
             return []

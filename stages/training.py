@@ -92,5 +92,5 @@ def compiled_model(name: str, exp: Experiment, image_shape, num_classes: int, st
                             f"{'x'.join(map(str, image_shape))} images: {first}") from None
     t = exp.training
     model.compile(optimizer=optimizer_for(t, steps_per_epoch * epochs), loss=loss_for(t, num_classes),
-                  metrics=list(t.metrics), jit_compile=t.jit_compile, steps_per_execution=t.steps_per_execution)
+                  metrics=list(t.metrics), jit_compile=t.jit_compile, steps_per_execution=t.steps_per_call)
     return model
