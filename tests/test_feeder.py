@@ -63,9 +63,10 @@ def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_
     model.compile("sgd", "sparse_categorical_crossentropy")
     for start in (0, 3):
         drawn.clear()
-        batches = Seen(Arrays(x, labels), 5, False, seed=3, epoch=start)
-        model.fit(batches, epochs=5, initial_epoch=start, validation_data=Seen(Arrays(x, labels), 5, False),
+        batches, validation = Seen(Arrays(x, labels), 5, False, seed=3, epoch=start), Seen(Arrays(x, labels), 5, False)
+        model.fit(batches, epochs=5, initial_epoch=start, validation_data=validation,
                   callbacks=[EpochOrder(batches), Epoch()], shuffle=False, verbose=0)
+        batches.release(), validation.release()  # TensorFlow keeps the datasets fit was given
         epoch = None
         for entry in drawn:
             if entry[0] == "fit":
