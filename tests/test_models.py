@@ -18,36 +18,36 @@ from stages.models import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-# the params objects the builders take, as params.yaml would give them
-def AutoencoderSpec(filters, poolings, activation="relu", output_activation="sigmoid"):
+# the params objects the builders take (stages.experiment_params), as params.yaml would give them
+def conv_ae(filters, poolings, activation="relu", output_activation="sigmoid"):
     return ConvAutoencoder(kind="conv_autoencoder", filters=filters, poolings=poolings, activation=activation,
                            output_activation=output_activation)
 
 
-def ResidualAutoencoderSpec(filters, blocks, latent_channels, output_activation="sigmoid", **options):
+def residual_ae(filters, blocks, latent_channels, output_activation="sigmoid", **options):
     return ResidualAutoencoder(kind="residual_autoencoder", filters=filters, blocks=blocks,
                                latent_channels=latent_channels, output_activation=output_activation, **options)
 
 
-def ConvBlock(filters, kernel_size=3, activation="relu", padding="same", pool=True):
+def conv_block(filters, kernel_size=3, activation="relu", padding="same", pool=True):
     return dict(filters=filters, kernel_size=kernel_size, activation=activation, padding=padding, pool=pool)
 
 
-def ClassifierSpec(conv, **options):
+def cnn(conv, **options):
     return Cnn(kind="cnn", conv=conv, **options)
 
 
-def ResStage(filters, blocks=0, pool=True):
+def res_stage(filters, blocks=0, pool=True):
     return dict(filters=filters, blocks=blocks, pool=pool)
 
 
-def ResNetSpec(stem, stages, dropout=0.0, logit_scale=1.0, flip=False, translate=0.0, bn_momentum=0.99):
+def resnet(stem, stages, dropout=0.0, logit_scale=1.0, flip=False, translate=0.0, bn_momentum=0.99):
     return ResNet(kind="resnet", stem=stem, stages=stages, dropout=dropout, logit_scale=logit_scale,
                   augment={"flip": flip, "translate": translate}, bn_momentum=bn_momentum)
 
 
 def test_mnist_cae_matches_the_seed_model():
-    spec = AutoencoderSpec(filters=(16, 8), poolings=2)
+    spec = conv_ae(filters=(16, 8), poolings=2)
     model, encoder = build_autoencoder(spec, (28, 28, 1))
     assert encoder.output.shape[1:] == (7, 7, 8)
     assert model.output.shape[1:] == (28, 28, 1)
@@ -60,7 +60,7 @@ def test_mnist_cae_matches_the_seed_model():
     (3, [True, True, False, True], (4, 4, 8)),  # the asker removed the third pooling
 ])
 def test_cifar_cae_poolings(poolings, pools, latent):
-    spec = AutoencoderSpec(filters=(64, 32, 16, 8), poolings=poolings, output_activation="linear")
+    spec = conv_ae(filters=(64, 32, 16, 8), poolings=poolings, output_activation="linear")
     assert encoder_pools(spec) == pools
     model, encoder = build_autoencoder(spec, (32, 32, 3))
     assert encoder.output.shape[1:] == latent
@@ -71,22 +71,22 @@ def test_cifar_cae_poolings(poolings, pools, latent):
 
 
 def test_latent_size_must_divide_the_image():
-    spec = AutoencoderSpec(filters=(16, 8, 8), poolings=3)
+    spec = conv_ae(filters=(16, 8, 8), poolings=3)
     with pytest.raises(ValueError, match="3 poolings need image sides divisible by 8, got 28x28"):
         latent_shape(spec, (28, 28, 1))
     with pytest.raises(ValueError, match="poolings=4 exceeds the 3 conv levels"):
-        AutoencoderSpec(filters=(16, 8, 8), poolings=4)
+        conv_ae(filters=(16, 8, 8), poolings=4)
 
 
 def test_sigmoid_output_is_in_unit_range():
-    model, _ = build_autoencoder(AutoencoderSpec(filters=(4,), poolings=1), (8, 8, 1))
+    model, _ = build_autoencoder(conv_ae(filters=(4,), poolings=1), (8, 8, 1))
     out = np.asarray(model.predict(np.random.default_rng(0).random((5, 8, 8, 1), dtype=np.float32) * 10, verbose=0))
     assert out.shape == (5, 8, 8, 1) and out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_cifar_cnn_matches_the_seed_model():
-    spec = ClassifierSpec(
-        conv=(ConvBlock(64, 3, "relu", "valid"), ConvBlock(256, 2, "relu", "valid")),
+    spec = cnn(
+        conv=(conv_block(64, 3, "relu", "valid"), conv_block(256, 2, "relu", "valid")),
         initializer="he_normal", dense=(1024,), dropout=0.4,
     )
     model = build_classifier(spec, (32, 32, 3), 10)
@@ -99,7 +99,7 @@ def test_cifar_cnn_matches_the_seed_model():
 
 
 def test_colored_mnist_broken_head_is_reproduced():
-    broken = ClassifierSpec(conv=(ConvBlock(64, 3, None), ConvBlock(64, 3, None)), logits_activation="relu")
+    broken = cnn(conv=(conv_block(64, 3, None), conv_block(64, 3, None)), logits_activation="relu")
     model = build_classifier(broken, (28, 28, 3), 10)
     assert model.get_layer("conv0").get_config()["activation"] == "linear"
     assert model.get_layer("logits").get_config()["activation"] == "relu"
@@ -113,7 +113,7 @@ def test_colored_mnist_broken_head_is_reproduced():
     ((32, 64, 128), (0, 1, 1), 32, (28, 28, 1), (7, 7, 32)),  # mnist_denoise's
 ])
 def test_residual_autoencoder_keeps_the_seed_latent(filters, blocks, latent_channels, image, latent):
-    spec = ResidualAutoencoderSpec(filters, blocks, latent_channels)
+    spec = residual_ae(filters, blocks, latent_channels)
     assert latent_shape(spec, image) == latent
     model, encoder = build_residual_autoencoder(spec, image)
     assert encoder.output.shape[1:] == latent and model.output.shape[1:] == image
@@ -126,9 +126,9 @@ def test_residual_autoencoder_keeps_the_seed_latent(filters, blocks, latent_chan
 
 def test_residual_autoencoder_refuses_mismatched_levels():
     with pytest.raises(ValueError, match="blocks has 2 entries, filters 3"):
-        ResidualAutoencoderSpec((8, 8, 8), (0, 1), 4)
+        residual_ae((8, 8, 8), (0, 1), 4)
     with pytest.raises(ValueError, match="3 poolings need image sides divisible by 8, got 28x28"):
-        latent_shape(ResidualAutoencoderSpec((8, 8, 8, 8), (0, 0, 0, 0), 4), (28, 28, 1))
+        latent_shape(residual_ae((8, 8, 8, 8), (0, 0, 0, 0), 4), (28, 28, 1))
 
 
 def _low_rank_images(n, shape=(8, 8, 1), rank=6, seed=0):
@@ -141,7 +141,7 @@ def test_linear_path_starts_at_pca_and_stays_frozen():
     from stages import metrics
 
     train, test = _low_rank_images(300), _low_rank_images(50, seed=1)
-    spec = ResidualAutoencoderSpec((4, 8), (0, 1), 2, "linear", linear_path=True)
+    spec = residual_ae((4, 8), (0, 1), 2, "linear", linear_path=True)
     model, encoder = build_residual_autoencoder(spec, (8, 8, 1))
     mean, vectors = metrics.pca_fit(train, 4 * 4 * 2)
     init_linear_path(model, mean, vectors)
@@ -173,7 +173,7 @@ def test_refiner_starts_at_pca_and_learns_what_a_linear_decoder_cannot():
         return np.clip(2.0 * flat, 0.0, 1.0).reshape(n, 8, 8, 1).astype(np.float32)
 
     train, test = saturated(600), saturated(200)
-    spec = ResidualAutoencoderSpec((4, 8, 8), (0, 0, 0), 1, "linear", linear_path=True, refiner=(16, 16))
+    spec = residual_ae((4, 8, 8), (0, 0, 0), 1, "linear", linear_path=True, refiner=(16, 16))
     keras.utils.set_random_seed(0)
     model, _ = build_residual_autoencoder(spec, (8, 8, 1))
     assert [layer.name for layer in model.layers if layer.name.startswith("refine")] == \
@@ -191,7 +191,7 @@ def test_refiner_starts_at_pca_and_learns_what_a_linear_decoder_cannot():
 
 def test_input_skip_starts_as_the_identity():
     x = _low_rank_images(4, (8, 8, 3))
-    model, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 0), 2, "linear", input_skip=True),
+    model, _ = build_residual_autoencoder(residual_ae((4, 8), (1, 0), 2, "linear", input_skip=True),
                                           (8, 8, 3))
     np.testing.assert_array_equal(model.predict(x, verbose=0), x)
 
@@ -203,17 +203,17 @@ def test_input_skip_starts_as_the_identity():
 ])
 def test_correcting_autoencoders_refuse_what_cannot_work(options, message):
     with pytest.raises(ValueError, match=message):
-        ResidualAutoencoderSpec((4, 8), (0, 0), 2, **options)
+        residual_ae((4, 8), (0, 0), 2, **options)
     with pytest.raises(ValueError, match="linear_path needs a latent of at most the image's 64 values, got 8x8x2"):
-        build_residual_autoencoder(ResidualAutoencoderSpec((4,), (0,), 2, "linear", linear_path=True), (8, 8, 1))
+        build_residual_autoencoder(residual_ae((4,), (0,), 2, "linear", linear_path=True), (8, 8, 1))
     with pytest.raises(ValueError):
-        init_linear_path(build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (0, 0), 2, "linear",
+        init_linear_path(build_residual_autoencoder(residual_ae((4, 8), (0, 0), 2, "linear",
                                                                             linear_path=True), (8, 8, 1))[0],
                          np.zeros(64), np.zeros((64, 3)))
 
 
 def test_resnet_augments_only_in_training():
-    spec = ResNetSpec(8, (ResStage(16, 1), ResStage(32, 0, pool=False)), logit_scale=0.125,
+    spec = resnet(8, (res_stage(16, 1), res_stage(32, 0, pool=False)), logit_scale=0.125,
                       flip=True, translate=0.25)
     model = build_resnet(spec, (8, 8, 3), 3)
     assert model.output.shape[1:] == (3,)
@@ -231,8 +231,8 @@ def test_bn_momentum_is_every_batch_norm_layers_and_sets_how_fast_they_forget(mo
     30 training steps the stem's moving mean holds momentum**30 of it (4% at
     0.9, 74% at Keras' 0.99), the rest the batches' mean."""
     x = np.random.default_rng(0).random((16, 8, 8, 3), dtype=np.float32) + 2.0
-    net = build_resnet(ResNetSpec(4, (ResStage(8, 1),), bn_momentum=momentum), (8, 8, 3), 3)
-    res, _ = build_residual_autoencoder(ResidualAutoencoderSpec((4, 8), (1, 1), 2, bn_momentum=momentum), (8, 8, 3))
+    net = build_resnet(resnet(4, (res_stage(8, 1),), bn_momentum=momentum), (8, 8, 3), 3)
+    res, _ = build_residual_autoencoder(residual_ae((4, 8), (1, 1), 2, bn_momentum=momentum), (8, 8, 3))
     for model in (net, res):
         norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
         assert len(norms) >= 4 and {layer.momentum for layer in norms} == {momentum}
