@@ -163,6 +163,11 @@ def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> 
     return {**results, **extra}, confusion_csv(data.class_names, cm)
 
 
+def plot_files(plots_dir: Path, task: str, name: str) -> tuple[Path, Path]:
+    """The DVC plots data of experiment ``name``: its per-epoch curves and its test-split plot."""
+    return plots_dir / task / f"{name}.json", plots_dir / f"{task}_test" / f"{name}.csv"
+
+
 def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file: Path,
              reports: Path, plots_dir: Path) -> dict:
     import mlflow
@@ -198,8 +203,9 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
             mlflow.log_dict(summary, f"evaluation/{metrics_file.name}")
             mlflow.set_tag("evaluated_by", f"evaluate@{name}")
         atomic.write_text(metrics_file, json.dumps(summary, indent=2) + "\n")
-        atomic.write_text(plots_dir / exp.task / f"{name}.json", json.dumps(records, indent=2) + "\n")
-        atomic.write_text(plots_dir / f"{exp.task}_test" / f"{name}.csv", test_plot)
+        curves_file, test_plot_file = plot_files(plots_dir, exp.task, name)
+        atomic.write_text(curves_file, json.dumps(records, indent=2) + "\n")
+        atomic.write_text(test_plot_file, test_plot)
     log.info("evaluate %s: %s", name, {k: v for k, v in results.items() if not k.startswith("class_")})
     return summary
 
@@ -219,8 +225,7 @@ def main(argv=None) -> int:
         params = params_mod.load(args.params)
         task = params_mod.experiment(params, name).task
         outputs = [args.metrics or Path("metrics") / f"{name}.json",
-                   args.reports or Path("reports/experiments") / name,
-                   args.plots / task / f"{name}.json", args.plots / f"{task}_test" / f"{name}.csv"]
+                   args.reports or Path("reports/experiments") / name, *plot_files(args.plots, task, name)]
         evaluate(name, params, args.model or Path("models") / name, *outputs[:2], args.plots)
         return outputs
 
