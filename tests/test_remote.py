@@ -1,7 +1,8 @@
 """Results that travel: a real DVC remote (a local folder) between real
 clones of a project. One clone trains and pushes; another pulls, finds
-nothing to do and evaluates the pulled model to the same metrics; an
-experiment run there goes to a third clone with ``dvc exp push`` /
+nothing to do and evaluates the pulled model to the same metrics; a third,
+with no ``dvc.lock``, restores every stage from the pushed run-cache; an
+experiment run in the second goes to the third with ``dvc exp push`` /
 ``dvc exp pull``."""
 
 import json
@@ -57,6 +58,19 @@ def test_a_pushed_run_is_pulled_by_a_clone_that_then_has_nothing_to_do(tmp_path)
     assert json.loads((tmp_path / "again.json").read_text())["test"] == metrics["test"]
 
     cached = _clone(bare, tmp_path / "ci")
+    # the run-cache alone: a clone whose dvc.lock names no run restores every stage's outputs from it
+    (cached / "dvc.lock").unlink()
+    restored = run_dvc(cached, "repro", "--pull", env=env).stdout
+    # the data stages and the training come from the run-cache; the files kept in git (evaluate's metrics,
+    # report's summary.md) are not pushed with it (DVC 3.67), so those two stages run, in seconds
+    assert ran(restored) == {"evaluate@pets_cnn", "report"}, restored
+    for stage in ("download@pets", "prepare@pets", "train@pets_cnn"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in restored, restored
+    assert json.loads((cached / "metrics/pets_cnn.json").read_text()) == metrics
+    assert (cached / "models/pets_cnn/model.keras").read_bytes() == \
+        (project / "models/pets_cnn/model.keras").read_bytes()
+    assert "up to date" in run_dvc(cached, "status", env=env).stdout
+    subprocess.run(["git", "checkout", "-q", "dvc.lock", "reports/summary.md"], cwd=cached, check=True)
     # an experiment run in one clone, pushed, and pulled into another
     run_dvc(colleague, "exp", "run", "-n", "two-epochs", "-S", "experiments.pets_cnn.training.epochs=2", env=env)
     run_dvc(colleague, "exp", "push", "origin", "two-epochs", env=env)
