@@ -150,15 +150,14 @@ CORRUPTIONS = (Gaussian, SaltPepper, Colorize, Grayscale)
 Corruption = Annotated[Union[CORRUPTIONS], Field(discriminator="kind")]
 
 
-class Regression(_Strict):
-    """How far a CI smoke metric may fall below its baseline before CI fails."""
+class Promotion(_Strict):
+    """The smallest change in a test metric that counts: a new model becomes
+    `@champion` only when it beats the champion by more (the evaluate stage's
+    gate), and the CI smoke fails only when a metric falls further below its
+    baseline."""
 
     psnr_db: Annotated[float, Field(ge=0)] = 0.5
     accuracy: Annotated[float, Field(ge=0, le=1)] = 0.02
-
-
-class Report(_Strict):
-    regression: Regression = Regression()
 
 
 class Params(_Strict):
@@ -171,7 +170,7 @@ class Params(_Strict):
     datasets: dict[str, Dataset] = {}
     corruptions: dict[str, Corruption] = {}
     experiments: dict[str, Experiment] = {}
-    report: Report = Report()
+    promotion: Promotion = Promotion()
 
     @model_validator(mode="after")
     def _names_resolve(self) -> "Params":
@@ -215,7 +214,7 @@ class Params(_Strict):
             )
 
 
-KNOWN_SECTIONS = ("limits", "download", "datasets", "corruptions", "experiments", "report")
+KNOWN_SECTIONS = ("limits", "download", "datasets", "corruptions", "experiments", "promotion")
 
 
 def _suggest(word: str, options) -> str:

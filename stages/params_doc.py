@@ -40,7 +40,7 @@ NOTES = {
     "Params.datasets": "one entry per dataset: its source and validation split",
     "Params.corruptions": "one entry per corrupted copy of a prepared dataset",
     "Params.experiments": "one entry per experiment: its data, model, training and evaluation",
-    "Params.report": "the report stage and the CI smoke's regression thresholds",
+    "Params.promotion": "the promotion gate's margins (evaluate), also the CI smoke's regression thresholds",
     "Limits.max_samples": "cap on every split (a seeded random subset), or a mapping capping the splits it names; "
                           "null: whole splits",
     "Limits.max_epochs": "cap on every experiment's epochs (a schedule then spans the capped epochs); null: off",
@@ -69,9 +69,10 @@ NOTES = {
     "Colorize.mode": "`channel`: each digit in one pure red, green or blue channel; `tint`: a random colour",
     "Colorize.seed": "seed of the colours (each split draws from `(seed, split)`)",
     "Grayscale.dataset": "the (colour) dataset to turn grey",
-    "Regression.psnr_db": "largest fall of an autoencoder's test PSNR (dB) below the smoke baseline",
-    "Regression.accuracy": "largest fall of a classifier's test accuracy (0.02 = 2 points) below the smoke baseline",
-    "Report.regression": "how far a CI smoke metric may fall below its baseline",
+    "Promotion.psnr_db": "test PSNR (dB) an autoencoder must gain over the champion to replace it; the largest "
+                         "fall below the smoke baseline CI accepts",
+    "Promotion.accuracy": "test accuracy (0.02 = 2 points) a classifier must gain over the champion to replace it; "
+                          "the largest fall below the smoke baseline CI accepts",
     "Data.input": "what the model reads: `prepared/<dataset>` or `corrupted/<corruption>`",
     "Data.train_on": "`train+val` trains on both (the seed questions' protocol)",
     "Training.optimizer": "the Keras optimizer",

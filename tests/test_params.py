@@ -50,9 +50,9 @@ def test_repo_params_yaml_is_valid():
         ("datasets.mnist.source", {"builtin": "mnist", "path": "x.zip"}, "exactly one of 'builtin' or 'path'"),
         ("datasets.mnist.source", {"builtin": "imagenet"}, "'datasets.mnist.source.builtin' = 'imagenet'"),
         ("datasets.mnist.source", {"path": "x.zip", "sha256": "abc"}, "'datasets.mnist.source.sha256' = 'abc'"),
-        ("report.regression.psnr", 1.0, "unknown key 'report.regression.psnr' (did you mean 'psnr_db'?)"),
-        ("report.regression.accuracy", 2, "'report.regression.accuracy' = 2"),
-        ("report.regression.psnr_db", -1, "'report.regression.psnr_db' = -1"),
+        ("promotion.psnr", 1.0, "unknown key 'promotion.psnr' (did you mean 'psnr_db'?)"),
+        ("promotion.accuracy", 2, "'promotion.accuracy' = 2"),
+        ("promotion.psnr_db", -1, "'promotion.psnr_db' = -1"),
     ],
 )
 def test_bad_values_name_key_and_value(path, value, message):

@@ -37,7 +37,7 @@ def test_every_key_of_every_model_is_in_the_page():
     text = params_doc.render()
     models = _models(Params)
     assert {"Limits", "Download", "Dataset", "Source", "Gaussian", "Colorize", "Experiment", "Training",
-            "ResNet", "Block", "Regression"} <= set(models)
+            "ResNet", "Block", "Promotion"} <= set(models)
     missing = [f"{name}.{key}" for name, model in models.items() for key in model.model_fields
                if f"| `{key}` |" not in text and f"## `{key}`" not in text]
     assert not missing, missing

@@ -43,16 +43,16 @@ def test_the_regression_limits_are_read_through_the_params_validator(tmp_path):
     from stages.params import ParamsError
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"report": {"regression": {"psnr_db": 0.3}}}))
+    path.write_text(yaml.safe_dump({"promotion": {"psnr_db": 0.3}}))
     limits = smoke.regression_limits(path)
     assert (limits.psnr_db, limits.accuracy) == (0.3, 0.02)  # the validator's default for what is not set
     path.write_text(yaml.safe_dump({"limits": {"max_epochs": 1}}))
     assert (smoke.regression_limits(path).psnr_db, smoke.regression_limits(path).accuracy) == (0.5, 0.02)
-    path.write_text(yaml.safe_dump({"report": {"regression": {"accuracy": 2.0}}}))
-    with pytest.raises(ParamsError, match="report.regression.accuracy"):
+    path.write_text(yaml.safe_dump({"promotion": {"accuracy": 2.0}}))
+    with pytest.raises(ParamsError, match="promotion.accuracy"):
         smoke.regression_limits(path)
-    path.write_text(yaml.safe_dump({"report": {"regresion": {}}}))
-    with pytest.raises(ParamsError, match="did you mean 'regression'"):
+    path.write_text(yaml.safe_dump({"promotion": {"acuracy": 0.1}}))
+    with pytest.raises(ParamsError, match="did you mean 'accuracy'"):
         smoke.regression_limits(path)
     repo = smoke.regression_limits(Path(__file__).resolve().parents[1] / "params.yaml")
     assert repo.psnr_db > 0 and 0 < repo.accuracy < 1
