@@ -16,7 +16,9 @@ on 127.0.0.1 for the run (SQLite backend, artifacts served by it), and the
 runs and artifacts are read back through its REST API; ``--tracking sqlite``
 uses the project's embedded store instead. Then a headless Chromium opens the
 MLflow UI over that server (experiments, runs, a run's metrics, curves and
-reconstruction grid, the compare view) and the HTML report, and checks that
+reconstruction grid, the compare view, every logged model with its metrics,
+every registered model with its @champion, the reconstructions' steps) and
+the HTML report, and checks that
 they show what the store holds (``tests/ui_check.py``); ``--screenshots DIR``
 keeps what it saw (the README's pictures come from there).
 
@@ -35,8 +37,8 @@ Regressions: ``.ci/smoke-baseline/`` holds the metrics of a smoke run of
 main (refresh it with ``--update-baseline``). They are committed in the copy
 as its ``metrics/`` before the run, so ``dvc metrics diff`` afterwards is the
 change against main; a test PSNR lower by more than
-``report.regression.psnr_db`` or a test accuracy lower by more than
-``report.regression.accuracy`` (params.yaml, read through the stages' params
+``promotion.psnr_db`` or a test accuracy lower by more than
+``promotion.accuracy`` (params.yaml, read through the stages' params
 validator, ``stages.params``) fails the run.
 
     DATA_MIRROR=../shared/datasets python .ci/smoke.py [--keep DIR] [--report DIR]
@@ -107,10 +109,11 @@ def skipped_in_ci(params: dict) -> list[str]:
     return slow_on_cpu(params) + [name for name in NOT_IN_CI if name in params["experiments"]]
 
 
-def regression_limits(params_file: Path) -> params_mod.Regression:
-    """``report.regression`` of a params.yaml, validated and with its
-    defaults as the stages read it (an invalid one raises ``ParamsError``)."""
-    return params_mod.load(params_file).report.regression
+def regression_limits(params_file: Path) -> params_mod.Promotion:
+    """``promotion`` of a params.yaml (the margins of the promotion gate),
+    validated and with its defaults as the stages read it (an invalid one
+    raises ``ParamsError``)."""
+    return params_mod.load(params_file).promotion
 
 
 def tests_helper(name: str):
@@ -165,6 +168,40 @@ def copy_tree(dest: Path, baseline: Path | None = None, skip: set[str] = frozens
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost", "commit", "-qm", "smoke", cwd=dest)
+
+
+def round_trip(project: Path, env: dict, keep: bool = False) -> list[str]:
+    """The run's results travel: committed and pushed (``dvc push --run-cache``)
+    to a DVC remote in a folder beside the project, then pulled into a fresh
+    clone, where ``dvc status`` finds nothing to re-run, ``dvc metrics show``
+    gives the same metrics and every model file is the same, byte for byte."""
+    remote, clone = (project.parent / f"{project.name}-{suffix}" for suffix in ("dvc-remote", "clone"))
+    git = ("git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost")
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=project, env=env)
+    sh(*git, "add", "-A", cwd=project)
+    sh(*git, "commit", "-qm", "smoke run", cwd=project)
+    sh("dvc", "push", "--run-cache", cwd=project, env=env)
+    sh("git", "clone", "-q", str(project), str(clone), cwd=project.parent)
+    sh("dvc", "remote", "modify", "--local", "local", "url", str(remote), cwd=clone, env=env)
+    sh("dvc", "pull", cwd=clone, env=env)
+    problems = []
+    status = sh("dvc", "status", cwd=clone, env=env).stdout
+    if "Data and pipelines are up to date" not in status:
+        problems.append(f"DVC remote: a clone that pulled the run has stages to re-run:\n{status}")
+    shown = [json.loads(sh("dvc", "metrics", "show", "--json", cwd=where, env=env).stdout)
+             for where in (project, clone)]
+    if shown[0] != shown[1]:
+        problems.append("DVC remote: the clone's dvc metrics show differs from the pushing project's")
+    models = sorted(path.relative_to(project) for path in project.glob("models/*/model.keras"))
+    differ = [str(m) for m in models if (clone / m).read_bytes() != (project / m).read_bytes()]
+    if not models or differ:
+        problems.append(f"DVC remote: models not pulled as pushed: {differ or 'none pushed'}")
+    log.info("DVC remote: pushed to %s, pulled into a clone: %d models, %s", remote, len(models),
+             "the same metrics and models, nothing to re-run" if not problems else f"{len(problems)} problem(s)")
+    if not keep:
+        shutil.rmtree(clone, ignore_errors=True)
+        shutil.rmtree(remote, ignore_errors=True)
+    return problems
 
 
 def check(project: Path, max_epochs: int, server=None) -> list[str]:
@@ -224,7 +261,7 @@ def regressions(diff: dict, psnr_db: float, accuracy: float) -> list[str]:
             old, new = change.get("old"), change.get("new")
             if isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old - limit:
                 problems.append(f"{name}: {key} fell from {old:.4f} to {new:.4f}{unit and ' ' + unit}, "
-                                f"more than the allowed {limit}{unit and ' ' + unit} (report.regression)")
+                                f"more than the allowed {limit}{unit and ' ' + unit} (promotion)")
     return problems
 
 
@@ -280,6 +317,10 @@ def check_ui(server, project: Path, experiments: dict, shots: Path | None) -> li
     with ui_check.browser(shots, server.url if server else None) as visit:
         if server:
             ui_check.check_mlflow_ui(visit, server, {**expected, "pipeline": ["report"]}, focus)
+            for experiment, names in expected.items():
+                ui_check.check_logged_models(visit, server, experiment, names)
+            ui_check.check_registered_models(visit, server, [n for names in expected.values() for n in names])
+            ui_check.check_image_steps(visit, server, *focus, "reconstructions")
         ui_check.check_report(visit, project / "reports" / "index.html", list(experiments))
     log.info("UI: %s checked in Chromium in %.0f s, %d problem(s)%s",
              "MLflow UI and report" if server else "report", time.perf_counter() - started, len(visit.problems),
@@ -363,6 +404,7 @@ def main() -> int:
                         else f"no baseline in {BASELINE}")
         if "ci-smoke" not in shown or "metrics/mnist_cae.json" not in shown:
             problems.append("dvc exp show does not list the ci-smoke experiment's metrics")
+        problems += round_trip(work, env, keep=args.keep is not None)  # after the metrics diff: it commits the run
         if args.report:
             args.report.mkdir(parents=True, exist_ok=True)
             for path in [work / "reports/summary.md", work / "reports/index.html", work / "reports/metrics-diff.md",

@@ -60,16 +60,18 @@ log = logging.getLogger("bench_train")
 # the stage's line per epoch: the epoch (fit and validation), then what it does
 # after it: the checkpoint and the MLflow batch (those two absent from older stages' lines)
 EPOCH_LINE = re.compile(r"train \S+: epoch (\d+)/\d+ in ([\d.]+) s"
-                        r"(?: \(then checkpoint ([\d.]+) s, tracking ([\d.]+) s\))?")
+                        r"(?: \(then checkpoint ([\d.]+) s, tracking ([\d.]+) s(?:, images ([\d.]+) s)?\))?")
 DEVICE_PEAK_LINE = re.compile(r"train \S+: peak device memory (\d+) MiB")
 
 
 def after_epoch(lines: list[tuple[str, ...]]) -> dict[str, list[float]]:
-    """Wall seconds of the checkpoint and of the MLflow batch after each epoch,
-    from the stage's ``EPOCH_LINE`` matches (empty lists for older stages)."""
+    """Wall seconds of the checkpoint, of the MLflow batch and of the MLflow
+    images after each epoch, from the stage's ``EPOCH_LINE`` matches (empty
+    lists for older stages; images 0 where the stage logs none)."""
     timed_lines = [line for line in lines if line[2]]
     return {"checkpoint_s": [float(line[2]) for line in timed_lines],
-            "tracking_s": [float(line[3]) for line in timed_lines]}
+            "tracking_s": [float(line[3]) for line in timed_lines],
+            "images_s": [float(line[4] or 0) for line in timed_lines]}
 
 
 def with_overrides(params: dict, names: list[str], overrides: list[str]) -> dict:

@@ -1,5 +1,5 @@
 """The callbacks of the train stage's one ``model.fit``: the NaN guard, the
-history, the checkpoint, the MLflow metrics and the line per epoch.
+history, the checkpoint, the MLflow metrics and images, and the line per epoch.
 
 They run in list order at each epoch's end; the checkpoint goes before the
 MLflow metrics, so a store that does not answer never costs training."""
@@ -12,11 +12,14 @@ import threading
 import time
 
 import keras
+import numpy as np
 
 from stages import distribution
 from stages.checkpoint import Checkpoint, State
 from stages.errors import PipelineError
+from stages.images import tile, to_unit_float
 from stages.mlflow_run import MetricLog
+from stages.mlflow_store import describe_failure
 
 log = logging.getLogger("stages.train")
 
@@ -137,6 +140,53 @@ class MlflowMetrics(EpochEnd):
         if self.metric_log.flush(self.history, epoch + 1):
             self.state.logged = self.metric_log.logged
             self.checkpoint.write(self.state)
+
+
+def image_epochs(epochs: int, count: int = 5) -> set[int]:
+    """The epochs (1-based) at which images are logged: the first, the last and
+    up to ``count - 2`` evenly spaced between."""
+    if epochs <= count:
+        return set(range(1, epochs + 1))
+    return {1 + round(i * (epochs - 1) / (count - 1)) for i in range(count)}
+
+
+class ImageLog(EpochEnd):
+    """The model's output on a fixed sample of validation images, as an MLflow
+    image (``mlflow.log_image`` with ``step`` = epoch) at a few epochs
+    (:func:`image_epochs`), so the MLflow UI steps through training and
+    compares runs. An autoencoder's: its input, (the target, where it is not
+    the input) and output rows; a classifier's: the images framed green
+    where the prediction is right, red where it is wrong. A store that fails
+    is logged and training goes on."""
+
+    COLOURS = np.array([[214, 39, 40], [44, 160, 44]], np.uint8)  # wrong, right
+    SAMPLE = 10  # the first validation images
+
+    def __init__(self, guard: NanGuard, run_id: str, validation, autoencoder: bool, epochs: int, done: int = 0):
+        super().__init__(guard)
+        self.run_id, self.autoencoder = run_id, autoencoder
+        # copies: the training arrays are let go at the end
+        self.x, self.y = np.array(validation.x[:self.SAMPLE]), np.array(validation.y[:self.SAMPLE])
+        self.steps = {step for step in image_epochs(epochs) if step > done}
+
+    def picture(self) -> np.ndarray:
+        output = np.asarray(keras.ops.convert_to_numpy(self.model.predict_on_batch(to_unit_float(self.x))),
+                            np.float32)
+        if self.autoencoder:
+            rows = [self.x, *([] if np.array_equal(self.x, self.y) else [self.y]), np.clip(output, 0, 1)]
+            return tile(rows)
+        return tile([self.x], frames=self.COLOURS[(output.argmax(axis=1) == self.y).astype(int)])
+
+    def epoch_done(self, epoch, logs):
+        if epoch + 1 not in self.steps:
+            return
+        from mlflow import MlflowClient
+
+        key = "reconstructions" if self.autoencoder else "predictions"
+        try:
+            MlflowClient().log_image(self.run_id, self.picture(), key=key, step=epoch + 1)
+        except Exception as exc:  # noqa: BLE001 - a store failure costs this image, not the training
+            log.warning("MLflow image %s of epoch %d not logged: %s", key, epoch + 1, describe_failure(exc))
 
 
 class EpochLog(keras.callbacks.Callback):

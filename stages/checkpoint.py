@@ -26,8 +26,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from stages import atomic
+from stages import atomic, provenance
 from stages.errors import PipelineError
+from stages.experiment_params import Experiment
 
 STRUCTURE = "model"
 
@@ -41,8 +42,18 @@ class State:
     logged: int = 0  # epochs whose metrics MLflow has (may run ahead of ``epoch``)
     described: bool = False  # the run's params and tags are logged
     complete: bool = False  # trained, exported and logged: nothing to resume
+    model_id: str | None = None  # the MLflow LoggedModel, once logged
     model: str | None = None  # the folder of the model's structure, once saved
     variables: str | None = None  # the file of the variables of epoch ``epoch``, when epoch > 0
+
+
+def fingerprint(exp: Experiment, epochs: int, inputs: list[str], samples: int) -> str:
+    """What a checkpoint must have been made with to be resumed: the results'
+    params (not the checkpoint interval, which changes none), epochs and data."""
+    config = exp.model_dump(mode="json")
+    config["training"].pop("checkpoint_interval_s")
+    return provenance.params_hash({"config": config, "epochs": epochs, "data": provenance.data_hashes(inputs),
+                                   "samples": samples})
 
 
 def all_variables(model: keras.Model) -> list:

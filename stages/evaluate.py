@@ -7,14 +7,19 @@ per-class accuracy and the confusion matrix. The same numbers go to
 ``metrics/<experiment>.json`` (DVC metrics) and to the experiment's MLflow
 run (the one train logged into), with the images in
 ``reports/experiments/<experiment>/``. DVC plots data goes to
-``plots/<task>/<experiment>.json`` (the per-epoch curves) and
+``plots/<task>/<experiment>.json`` (the per-epoch curves),
 ``plots/<task>_test/<experiment>.csv`` (on the test split: an autoencoder's
-PSNR at each percentile of its images, a classifier's confusion rows).
+PSNR at each percentile of its images, a classifier's confusion rows) and
+``plots/images/<experiment>.png`` (test reconstructions, or misclassified test
+images), so that ``dvc plots diff`` shows them side by side. The model
+becomes a version of the registered model named after the experiment,
+``@champion`` or ``@challenger`` by the promotion gate (:mod:`stages.promotion`).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -29,15 +34,17 @@ import numpy as np  # noqa: E402
 import stages.recipes  # noqa: E402,F401 - registers the schedules and loss that saved models name
 from stages import atomic, cli, corruptions, metrics, params as params_mod, plots  # noqa: E402
 from stages.errors import PipelineError  # noqa: E402
-from stages.experiment_data import ExperimentData  # noqa: E402
+from stages.experiment_data import Arrays, ExperimentData, split_files  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.mlflow_run import load_run_ref, tracked_run  # noqa: E402
+from stages.mlflow_run import load_run_ref, log_split, tracked_run  # noqa: E402
 from stages.mlflow_store import EXPERIMENTS, failures  # noqa: E402
 from stages.models import latent_shape  # noqa: E402
+from stages.promotion import describe, promote  # noqa: E402
 
 log = logging.getLogger("stages.evaluate")
 
 GRID_IMAGES = 10
+GRID = {"autoencoder": "reconstructions.png", "classifier": "misclassified.png"}  # the grid, as MLflow has it
 
 
 def predict(model: keras.Model, x_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -83,11 +90,10 @@ def confusion_csv(class_names: list[str], matrix) -> str:
                                               for _ in range(int(count))))
 
 
-def autoencoder_metrics(name, exp, data: ExperimentData, model, folder: Path) -> tuple[dict, str]:
+def autoencoder_metrics(exp, data: ExperimentData, test: Arrays, model, folder: Path) -> tuple[dict, str]:
     # targets and inputs stay uint8 (the metrics scale them a chunk at a time);
     # the predictions are the only float copy of the test set, clipped in place
     # once the scores of the raw output are taken
-    test = data.split("test")
     target, output = test.y, predict(model, test.x)
     latent = latent_shape(exp.model, target.shape[1:])
     train_targets = data.target_images(*exp.data.train_on.split("+"))
@@ -135,8 +141,7 @@ def colour_accuracy(images: np.ndarray, correct: np.ndarray) -> dict[str, float]
             for i, colour in enumerate(("red", "green", "blue")) if (channel == i).any()}
 
 
-def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> tuple[dict, str]:
-    test = data.split("test")
+def classifier_metrics(exp, data: ExperimentData, test: Arrays, model, folder: Path) -> tuple[dict, str]:
     probabilities = predict(model, test.x)
     labels = test.y
     extra = {}
@@ -163,9 +168,27 @@ def classifier_metrics(name, exp, data: ExperimentData, model, folder: Path) -> 
     return {**results, **extra}, confusion_csv(data.class_names, cm)
 
 
-def plot_files(plots_dir: Path, task: str, name: str) -> tuple[Path, Path]:
-    """The DVC plots data of experiment ``name``: its per-epoch curves and its test-split plot."""
-    return plots_dir / task / f"{name}.json", plots_dir / f"{task}_test" / f"{name}.csv"
+def gate(name: str, task: str, ref: dict, results: dict, margins: dict) -> None:
+    """The promotion gate (:mod:`stages.promotion`) for the active run's model:
+    its decision as tags and ``evaluation/promotion.json`` on the run, and one line."""
+    import mlflow
+
+    if "model_id" not in ref:
+        log.warning("evaluate %s: the model has no MLflow LoggedModel (trained by an older train stage); "
+                    "not registered: run train@%s again", name, name)
+        return
+    decision = promote(name, ref["model_id"], task, results, margins)
+    mlflow.set_tags(decision.as_tags())
+    mlflow.log_dict(dataclasses.asdict(decision), "evaluation/promotion.json")
+    log.info("evaluate %s: %s", name, describe(decision))
+
+
+def plot_files(plots_dir: Path, task: str, name: str) -> tuple[Path, Path, Path]:
+    """The DVC plots of experiment ``name``: its per-epoch curves, its test-split
+    plot and its image grid (an autoencoder's reconstructions, a classifier's
+    misclassified test images)."""
+    return (plots_dir / task / f"{name}.json", plots_dir / f"{task}_test" / f"{name}.csv",
+            plots_dir / "images" / f"{name}.png")
 
 
 def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file: Path,
@@ -185,7 +208,8 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
     # everything is written under temporary names and renamed only after the
     # MLflow run took it: a failed or killed evaluate leaves no outputs
     with atomic.replacing(reports, directory=True) as staging:
-        results, test_plot = compute(name, exp, data, model, staging)
+        test = data.split("test")
+        results, test_plot = compute(exp, data, test, model, staging)
         results = {key: round(float(value), 6) for key, value in results.items()}
         epochs = len(next(iter(history.values()), []))
         plots.loss_curves(history, staging / "curves.png")
@@ -198,14 +222,19 @@ def evaluate(name: str, params: params_mod.Params, model_dir: Path, metrics_file
         records = [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(epochs)]
         with tracked_run(EXPERIMENTS[exp.task], f"evaluate {name}", run_id=ref["run_id"], name=name), \
                 failures(f"evaluate {name}"):
-            mlflow.log_metrics({f"test_{key}": value for key, value in results.items()})
+            log_split("test", split_files(exp.data.input, exp.data.target, test))
+            model_id = ref.get("model_id")  # the metrics go on the LoggedModel too
+            mlflow.log_metrics({f"test_{key}": value for key, value in results.items()}, model_id=model_id)
             mlflow.log_artifacts(str(staging), "evaluation")
             mlflow.log_dict(summary, f"evaluation/{metrics_file.name}")
             mlflow.set_tag("evaluated_by", f"evaluate@{name}")
+            gate(name, exp.task, ref, results, params.promotion.model_dump())
         atomic.write_text(metrics_file, json.dumps(summary, indent=2) + "\n")
-        curves_file, test_plot_file = plot_files(plots_dir, exp.task, name)
+        curves_file, test_plot_file, grid_file = plot_files(plots_dir, exp.task, name)
         atomic.write_text(curves_file, json.dumps(records, indent=2) + "\n")
         atomic.write_text(test_plot_file, test_plot)
+        grid_file.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / GRID[exp.task], grid_file)  # a DVC image plot, beside the other plots
     log.info("evaluate %s: %s", name, {k: v for k, v in results.items() if not k.startswith("class_")})
     return summary
 
@@ -217,8 +246,8 @@ def main(argv=None) -> int:
         parser.add_argument("--metrics", type=Path, help="metrics file (default: metrics/<experiment>.json)")
         parser.add_argument("--reports", type=Path, help="images folder (default: reports/experiments/<experiment>)")
         parser.add_argument("--plots", type=Path, default=Path("plots"),
-                            help="DVC plots folder: writes <task>/<experiment>.json and <task>_test/<experiment>.csv "
-                                 "(default: plots)")
+                            help="DVC plots folder: writes <task>/<experiment>.json, <task>_test/<experiment>.csv "
+                                 "and images/<experiment>.png (default: plots)")
 
     def body(args):
         name = args.experiment

@@ -32,6 +32,15 @@ class Arrays:
         self.x = self.y = None
 
 
+def split_files(input_ref: str, target_ref: str, arrays: Arrays) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
+    """Which file each array of a split came from: ``{ref: (path, {"x"|"y": array})}``
+    (one file for both when the input is the target's file, or a classifier's)."""
+    if input_ref == target_ref:
+        return {input_ref: (str(data_path(input_ref)), {"x": arrays.x, "y": arrays.y})}
+    return {input_ref: (str(data_path(input_ref)), {"x": arrays.x}),
+            target_ref: (str(data_path(target_ref)), {"y": arrays.y})}
+
+
 def join(parts: Iterable[np.ndarray]) -> np.ndarray:
     """Arrays concatenated along the first axis; a single one as it is (no copy)."""
     parts = list(parts)

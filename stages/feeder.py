@@ -42,7 +42,10 @@ class ScaledBatches(keras.utils.PyDataset):
 
     def _order(self) -> np.ndarray:
         count = len(self.arrays)
-        order = np.arange(count) if self.seed is None else np.random.default_rng([self.seed, self.epoch]).permutation(count)
+        if self.seed is None:
+            order = np.arange(count)
+        else:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(count)
         return order[:self.rows]
 
     def start_epoch(self, epoch: int) -> None:

@@ -53,6 +53,25 @@ def as_unit(images: np.ndarray) -> np.ndarray:
     return to_unit_float(images) if images.dtype == np.uint8 else images
 
 
+def tile(rows: list[np.ndarray], frames: np.ndarray | None = None, gap: int = 2) -> np.ndarray:
+    """Rows of images (each NHWC, uint8 or floats in [0, 1], one or three
+    channels) as one uint8 RGB picture, images ``gap`` pixels apart on white;
+    ``frames`` (N, 3) uint8 colours a frame ``gap`` wide around each column's images."""
+    count = min(len(row) for row in rows)
+    height, width = rows[0].shape[1:3]
+    cell_h, cell_w = height + 2 * gap, width + 2 * gap
+    canvas = np.full((len(rows) * cell_h + gap, count * cell_w + gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        pixels = np.clip(np.rint(as_unit(row[:count]) * 255), 0, 255).astype(np.uint8)
+        pixels = np.repeat(pixels, 3, axis=3) if pixels.shape[3] == 1 else pixels
+        for c in range(count):
+            top, left = r * cell_h + gap, c * cell_w + gap
+            if frames is not None:
+                canvas[top - gap:top + height + gap, left - gap:left + width + gap] = frames[c]
+            canvas[top:top + height, left:left + width] = pixels[c]
+    return canvas
+
+
 @dataclass
 class Split:
     images: np.ndarray  # uint8, (N, H, W, C)

@@ -53,11 +53,12 @@ def run_tags(stage: str, data: list[str] = (), **extra: str) -> dict[str, str]:
     return tags
 
 
-def _start(run_id: str | None, name: str | None):
+def _start(run_id: str | None, name: str | None, system_metrics: bool):
     import mlflow
 
     try:
-        return mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+        return mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                                log_system_metrics=system_metrics)
     except mlflow.exceptions.MlflowException as exc:
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise TrackingError(
@@ -70,7 +71,7 @@ def _start(run_id: str | None, name: str | None):
 
 @contextmanager
 def tracked_run(experiment: str, what: str, *, run_id: str | None = None, name: str | None = None,
-                pending: Path | None = None) -> Iterator:
+                pending: Path | None = None, system_metrics: bool = False) -> Iterator:
     """The active MLflow run of the block, in MLflow experiment ``experiment``:
     run ``run_id`` continued, or a new run named ``name``.
 
@@ -78,14 +79,15 @@ def tracked_run(experiment: str, what: str, *, run_id: str | None = None, name: 
     after a failure is best effort (the store may be the cause). ``pending``:
     a marker file naming the open run, so that a run whose process was killed
     with no chance to end it is marked KILLED by the next one (:class:`PendingRun`).
-    ``what`` names the stage in errors."""
+    ``what`` names the stage in errors; ``system_metrics``: MLflow samples the
+    machine's CPU, memory (and GPU) use into the run while the block runs."""
     import mlflow
 
     connect(experiment)
     marker = PendingRun(pending) if pending else None
     if marker:
         marker.reap()
-    run = _start(run_id, name)
+    run = _start(run_id, name, system_metrics)
     if marker:
         marker.hold(run.info.run_id)
     try:
@@ -102,6 +104,12 @@ def tracked_run(experiment: str, what: str, *, run_id: str | None = None, name: 
     finally:
         if marker:
             marker.release()
+
+
+def system_metrics_wanted() -> bool:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with ``nvidia-ml-py``)
+    for a training run: on unless MLflow's ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is false."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0", "no")
 
 
 def end_quietly(status: str) -> None:
@@ -192,15 +200,25 @@ class MetricLog:
         return True
 
 
-def log_keras_model(model, example) -> None:
-    """Log the model as the run's ``model`` artifact, with signature and input example.
+class _KerasFlavor:
+    """``mlflow.keras`` as ``Model.log`` calls it, with the model folder created
+    first: MLflow 3.17's Keras flavor writes the input example before it creates
+    the folder, so ``mlflow.keras.log_model(..., input_example=...)`` fails
+    (mlflow/mlflow#16183)."""
 
-    Saved through ``mlflow.keras.save_model`` into a folder created first:
-    MLflow 3.17's ``log_model`` writes the input example before it creates the
-    model folder and fails.
-    """
-    import tempfile
+    __name__ = "mlflow.keras"  # the flavor MLflow records on the logged model
 
+    @staticmethod
+    def save_model(path: str, validate_serving_input: bool = False, **kwargs) -> None:
+        import mlflow
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+def log_keras_model(model, example, name: str) -> str:
+    """Log the model as an MLflow LoggedModel ``name`` of the active run, with
+    signature and input example; returns its model id (``models:/<id>``)."""
     import keras
     import mlflow
     import numpy as np
@@ -209,19 +227,56 @@ def log_keras_model(model, example) -> None:
     # prediction is a collective computation that the chief cannot run alone
     spec = model.compute_output_spec(keras.KerasTensor(example.shape, dtype=str(example.dtype)))
     signature = mlflow.models.infer_signature(example, np.zeros(spec.shape, dtype=spec.dtype))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        folder.mkdir()
-        mlflow.keras.save_model(model, str(folder), signature=signature, input_example=example,
-                                pip_requirements=[f"keras=={keras.__version__}"])
-        mlflow.log_artifacts(str(folder), "model")
+    # no serving check of the example at logging (a reload and a prediction, with Keras' progress bar in
+    # the stage's output): tests/test_serving.py serves logged models for real
+    info = mlflow.models.Model.log(artifact_path=None, name=name, flavor=_KerasFlavor, model=model,
+                                   signature=signature, input_example=example, validate_serving_input=False,
+                                   pip_requirements=[f"keras=={keras.__version__}"])
+    return info.model_id
 
 
-def save_run_ref(path: Path, run_id: str, experiment_id: str, trained: dict | None = None) -> None:
+def dataset_input(name: str, path: str, arrays: dict, md5: str | None = None):
+    """An MLflow dataset for ``mlflow.log_input``: ``name``, the file's DVC md5
+    (from ``dvc.lock``; the file's own md5, which is the same for a binary
+    file, where dvc.lock has none) as digest, the file as source, and the
+    shape and dtype of each array as schema."""
+    import hashlib
+
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types.schema import Schema, TensorSpec
+
+    if md5 is None:
+        digest = hashlib.md5()
+        with open(path, "rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                digest.update(block)
+        md5 = digest.hexdigest()
+    schema = Schema([TensorSpec(array.dtype, array.shape, key) for key, array in arrays.items()])
+    local = next(source for source in get_registered_sources() if source._get_source_type() == "local")
+    return MetaDataset(local(Path(path).resolve().as_uri()), name=name, digest=md5, schema=schema)
+
+
+def log_split(context: str, files: dict[str, tuple[str, dict]]) -> None:
+    """Log a split of the data a run used (``context``: training, validation
+    or test) as MLflow dataset inputs named ``<ref>:<context>``, one per file
+    (``{ref: (path, {key: array})}``, :func:`stages.experiment_data.split_files`)."""
+    import mlflow
+
+    hashes = provenance.data_hashes([path for path, _ in files.values()])
+    for ref, (path, arrays) in files.items():
+        mlflow.log_input(dataset_input(f"{ref}:{context}", path, arrays, hashes.get(path)), context=context)
+
+
+def save_run_ref(path: Path, run_id: str, experiment_id: str, trained: dict | None = None,
+                 model_id: str | None = None) -> None:
     """The DVC output that tells later stages (and people) which MLflow run
-    this is and, as ``trained``, how the model was trained: where (machine,
-    backend, versions, commit), how many epochs and how long."""
+    this is, the model's LoggedModel id and, as ``trained``, how the model was
+    trained: where (machine, backend, versions, commit), how many epochs and
+    how long."""
     ref = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()}
+    if model_id is not None:
+        ref["model_id"] = model_id
     if trained is not None:
         ref["trained"] = trained
     atomic.write_text(path, json.dumps(ref, indent=2) + "\n")

@@ -25,6 +25,10 @@ from stages.urls import redact, redact_text, split_credentials
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENTS = {"autoencoder": "autoencoders", "classifier": "classifiers"}
+# The MLflow UI opens an experiment with this tag on its model-training side
+# (runs, models, charts) rather than its GenAI side (traces, prompts).
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 
 # An unreachable server must fail a stage within 30 s, not after MLflow's
 # default of 7 retries with 120 s timeouts (many minutes). Worst case with
@@ -119,7 +123,10 @@ def connect(experiment: str) -> str:
     uri = use_store()
     try:
         with one_at_a_time(uri):
-            return mlflow.set_experiment(experiment).experiment_id
+            found = mlflow.set_experiment(experiment)
+            if EXPERIMENT_KIND not in found.tags:  # a kind a user chose in the UI stays
+                mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+            return found.experiment_id
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
         raise TrackingError(f"MLflow store {tracking_label()} unusable: {describe_failure(exc)}; "
                             "check that it is running and MLFLOW_TRACKING_URI") from None

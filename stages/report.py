@@ -1,7 +1,7 @@
 """DVC stage ``report``: every experiment side by side, with the seeds' figures.
 
-Reads ``metrics/<experiment>.json``, the images in ``reports/experiments/<experiment>/``,
-``models/<experiment>/run.json`` and each experiment's description and seed
+Reads ``metrics/<experiment>.json``, the images in ``reports/experiments/<experiment>/``
+and ``plots/images/<experiment>.png``, ``models/<experiment>/run.json`` and each experiment's description and seed
 figure from ``params.yaml``; writes ``reports/summary.md`` and
 ``reports/index.html`` (self-contained: images embedded as data URIs).
 
@@ -34,8 +34,9 @@ log = logging.getLogger("stages.report")
 
 PIPELINE_EXPERIMENT = "pipeline"
 PENDING = Path("checkpoints/.report-run.json")  # the open report run, for reaping it after a kill -9
-AE_IMAGES = ("reconstructions.png", "curves.png")
-CLF_IMAGES = ("confusion_matrix.png", "misclassified.png", "curves.png")
+AE_IMAGES = ("curves.png",)  # evaluate's, in reports/experiments/<experiment>/
+CLF_IMAGES = ("confusion_matrix.png", "curves.png")
+GRIDS = {"autoencoder": "reconstructions", "classifier": "misclassified"}  # plots/images/<experiment>.png
 
 
 @dataclass
@@ -317,7 +318,8 @@ def log_to_mlflow(pages: dict[str, str], run_ids: dict[str, str], rows: list[Row
 
 
 def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, models_dir: Path,
-           out_dir: Path, log_mlflow: bool = True, evaluated_only: bool = False) -> list[Row]:
+           out_dir: Path, log_mlflow: bool = True, evaluated_only: bool = False,
+           images_dir: Path = Path("plots/images")) -> list[Row]:
     """Write the pages; every experiment must have its metrics file, unless
     ``evaluated_only``, which reports those that have one and names the others
     on the pages (a partial report while runs go on)."""
@@ -337,7 +339,9 @@ def report(params: params_mod.Params, metrics_dir: Path, reports_dir: Path, mode
     rows = build_rows(experiments, metrics)
     for row in rows:
         wanted = AE_IMAGES if row.task == "autoencoder" else CLF_IMAGES
-        row.images = {p.stem: p for p in (reports_dir / row.name / f for f in wanted) if p.is_file()}
+        found = {GRIDS[row.task]: images_dir / f"{row.name}.png",
+                 **{Path(f).stem: reports_dir / row.name / f for f in wanted}}
+        row.images = {label: path for label, path in found.items() if path.is_file()}
     pages = {"summary.md": render_markdown(rows, not_evaluated), "index.html": render_html(rows, not_evaluated)}
     if log_mlflow:  # first, so that a store that fails leaves no report behind
         run_ids = {name: load_run_ref(models_dir / name / "run.json")["run_id"] for name in experiments}
@@ -353,6 +357,8 @@ def main(argv=None) -> int:
         parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="metrics folder")
         parser.add_argument("--reports", type=Path, default=Path("reports/experiments"),
                             help="per-experiment images (evaluate's)")
+        parser.add_argument("--images", type=Path, default=Path("plots/images"),
+                            help="per-experiment image grids (evaluate's DVC image plots)")
         parser.add_argument("--models", type=Path, default=Path("models"), help="train outputs (run ids)")
         parser.add_argument("--out", type=Path, default=Path("reports"), help="where summary.md and index.html go")
         parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
@@ -362,7 +368,7 @@ def main(argv=None) -> int:
 
     def body(args):
         report(params_mod.load(args.params), args.metrics, args.reports, args.models, args.out,
-               log_mlflow=not args.no_mlflow, evaluated_only=args.evaluated_only)
+               log_mlflow=not args.no_mlflow, evaluated_only=args.evaluated_only, images_dir=args.images)
         return [args.out / "index.html", args.out / "summary.md"]
 
     return cli.run("report", __doc__, body, configure, argv)

@@ -7,9 +7,12 @@ each over the permutation seeded from ``(seed, epoch)``
 (:mod:`stages.feeder`); its callbacks (:mod:`stages.callbacks`)
 stop at a NaN loss, checkpoint to ``checkpoints/<experiment>/`` at most once
 every ``training.checkpoint_interval_s`` seconds and after the last epoch,
-and send each epoch's metrics to MLflow. A run that was killed resumes from
-its last checkpoint (:mod:`stages.checkpoint`) when the stage runs again and
-ends with the same weights as an uninterrupted run.
+and send each epoch's metrics (and, at a few epochs, reconstructions or
+predictions of fixed validation images) to MLflow. The run also gets its
+data as dataset inputs, system metrics, and the model as a LoggedModel. A run
+that was killed resumes from its last checkpoint (:mod:`stages.checkpoint`)
+when the stage runs again and ends with the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,27 +30,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors sti
 import keras  # noqa: E402
 
 from stages import atomic, cli, distribution, params as params_mod, provenance  # noqa: E402
-from stages.callbacks import Checkpointing, EpochLog, History, LetGo, MlflowMetrics, NanGuard  # noqa: E402
-from stages.checkpoint import Checkpoint, State  # noqa: E402
-from stages.experiment_data import Arrays, ExperimentData, data_path  # noqa: E402
+from stages.callbacks import Checkpointing, EpochLog, History, ImageLog, LetGo, MlflowMetrics, NanGuard  # noqa: E402
+from stages.checkpoint import Checkpoint, State, fingerprint  # noqa: E402
+from stages.experiment_data import Arrays, ExperimentData, data_path, split_files  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
 from stages.feeder import EpochOrder, ScaledBatches, on_device  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, run_tags, save_run_ref,  # noqa: E402
-                               tracked_run)
+from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, log_split, run_tags,  # noqa: E402
+                               save_run_ref, system_metrics_wanted, tracked_run)
 from stages.mlflow_store import EXPERIMENTS, TrackingError, describe_failure, failures, tracking_label  # noqa: E402
 from stages.training import compiled_model, configure_backend, epochs_for, one_op_at_a_time  # noqa: E402
 
 log = logging.getLogger("stages.train")
-
-
-def fingerprint(exp: Experiment, epochs: int, inputs: list[str], samples: int) -> str:
-    """What a checkpoint must have been made with to be resumed: the results'
-    params (not the checkpoint interval, which changes none), epochs and data."""
-    config = exp.model_dump(mode="json")
-    config["training"].pop("checkpoint_interval_s")
-    return provenance.params_hash({"config": config, "epochs": epochs, "data": provenance.data_hashes(inputs),
-                                   "samples": samples})
 
 
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
@@ -92,28 +86,51 @@ def start_point(checkpoint: Checkpoint, placement: distribution.Placement) -> tu
     return None, stale
 
 
-def describe(name: str, exp: Experiment, epochs: int, data: ExperimentData, samples: tuple[int, int],
+def describe(name: str, exp: Experiment, epochs: int, data: ExperimentData, arrays: tuple[Arrays, Arrays],
              inputs: list[str], placement: distribution.Placement) -> None:
-    """The run's params and tags (logged once per run)."""
+    """The run's params, tags and dataset inputs (logged once per run)."""
     import mlflow
 
     config = exp.model_dump(mode="json")
     with failures(f"train {name}"):
         mlflow.log_params({**flatten(config), "epochs_run": epochs, "dataset_source": data.source,
-                           "train_samples": samples[0], "val_samples": samples[1], "replicas": placement.replicas,
-                           "processes": placement.processes})
+                           "train_samples": len(arrays[0]), "val_samples": len(arrays[1]),
+                           "replicas": placement.replicas, "processes": placement.processes})
         mlflow.set_tags(run_tags(f"train@{name}", inputs, task=exp.task, experiment=name,
                                  params_hash=provenance.params_hash(config),
                                  **{f"env.{k}": v for k, v in provenance.environment().items()}))
+        for context, split in zip(("training", "validation"), arrays):
+            log_split(context, split_files(exp.data.input, exp.data.target, split))
 
 
-def save_outputs(out: Path, checkpoint: Checkpoint, model: keras.Model, history: dict, run, trained: dict) -> None:
+def save_outputs(out: Path, checkpoint: Checkpoint, model: keras.Model, history: dict, run, model_id: str,
+                 trained: dict) -> None:
     """``model.keras``, ``history.json`` and ``run.json``."""
     with atomic.replacing(out, directory=True) as folder:
         checkpoint.export(model, folder / "model.keras")
         (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         save_run_ref(folder / "run.json", run.info.run_id, run.info.experiment_id,
-                     {**trained, **provenance.environment(), **provenance.git_state()})
+                     {**trained, **provenance.environment(), **provenance.git_state()}, model_id=model_id)
+
+
+def log_results(name: str, model: keras.Model, example, history: dict, epochs: int, metric_log: MetricLog,
+                checkpoint: Checkpoint, state: State, placement: distribution.Placement) -> str:
+    """The epochs' metrics the store does not have yet, then the model as a
+    LoggedModel (once: a re-run after a failure here reuses it); its id."""
+    try:
+        metric_log.flush(history, epochs, required=True)
+        state.logged = metric_log.logged
+        checkpoint.write(state)
+        if state.model_id is None:
+            with placement.alone():
+                state.model_id = log_keras_model(model, example, name)  # named after the experiment
+            checkpoint.write(state)
+        return state.model_id
+    except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
+        raise TrackingError(
+            f"train {name}: the {epochs} epochs are trained and saved in {checkpoint.folder}, but the MLflow "
+            f"store {tracking_label()} failed ({describe_failure(exc)}); run the stage again when it "
+            "answers: it logs the run without training again") from None
 
 
 def starting_model(name: str, exp: Experiment, data: ExperimentData, train_arrays: Arrays, checkpoint: Checkpoint,
@@ -140,7 +157,8 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
     """Train inside the experiment's MLflow run (continued when ``state`` names
     one), log the model and write the outputs; returns the history."""
     start = state.epoch if state else 0
-    with tracked_run(EXPERIMENTS[exp.task], f"train {name}", run_id=state and state.run_id, name=name) as run:
+    with tracked_run(EXPERIMENTS[exp.task], f"train {name}", run_id=state and state.run_id, name=name,
+                     system_metrics=system_metrics_wanted()) as run:
         if stale_run:
             abandon(stale_run)
         if state is None:
@@ -148,7 +166,7 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
         elif start == 0:
             log.info("train %s: continuing MLflow run %s, killed before its first checkpoint", name, state.run_id)
         if not state.described:
-            describe(name, exp, epochs, data, (len(arrays[0]), len(arrays[1])), inputs, placement)
+            describe(name, exp, epochs, data, arrays, inputs, placement)
             state.described = True
             checkpoint.write(state)
         history, guard = {key: list(values) for key, values in state.history.items()}, NanGuard()
@@ -156,25 +174,17 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
         after = {"checkpoint": Checkpointing(guard, checkpoint, state, history, epochs,
                                              exp.training.checkpoint_interval_s, placement),
                  "tracking": MlflowMetrics(guard, metric_log, checkpoint, state, history)}
+        if placement.replicas == 1 and len(arrays[1]):  # over several devices a prediction is every process's work
+            after["images"] = ImageLog(guard, run.info.run_id, arrays[1], exp.task == "autoencoder", epochs, start)
         example = to_unit_float(arrays[0].x[:4])  # before fit, which lets the images go
         fit_started = time.perf_counter()
         fit(name, exp, *arrays, model, start, epochs,
             [History(guard, history), *after.values(), EpochLog(name, epochs, after)], guard, placement)
         fit_s = time.perf_counter() - fit_started
-        try:
-            metric_log.flush(history, epochs, required=True)
-            state.logged = metric_log.logged
-            checkpoint.write(state)
-            with placement.alone():
-                log_keras_model(model, example)
-        except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
-            raise TrackingError(
-                f"train {name}: the {epochs} epochs are trained and saved in {checkpoint.folder}, but the MLflow "
-                f"store {tracking_label()} failed ({describe_failure(exc)}); run the stage again when it "
-                "answers: it logs the run without training again") from None
+        model_id = log_results(name, model, example, history, epochs, metric_log, checkpoint, state, placement)
         # this process's share when it resumed a killed run (resumed_at_epoch > 0)
         with placement.alone():
-            save_outputs(out, checkpoint, model, history, run, {
+            save_outputs(out, checkpoint, model, history, run, model_id, {
                 "epochs": epochs, "resumed_at_epoch": start, "seconds": round(time.perf_counter() - started, 1),
                 "fit_seconds": round(fit_s, 1)})
     state.complete = True

@@ -102,6 +102,23 @@ class MlflowServer:
         found = self.post("runs/search", {"experiment_ids": [self.experiment_id(experiment)], "max_results": 1000})
         return found.get("runs", [])
 
+    def logged_models(self, experiment: str) -> list[dict]:
+        """The MLflow 3 logged models of ``experiment`` (each ``{"info": ..., "data": {"metrics": ...}}``)."""
+        found = self.post("logged-models/search", {"experiment_ids": [self.experiment_id(experiment)],
+                                                   "max_results": 100})
+        return found.get("models", [])
+
+    def model_of(self, run: dict) -> dict:
+        """The one logged model that ``run`` (as runs/search returns it) output."""
+        ids = {m["model_id"] for m in run.get("outputs", {}).get("model_outputs", [])}
+        found = [m for m in self.logged_models(self.experiment_name(run["info"]["experiment_id"]))
+                 if m["info"]["model_id"] in ids]
+        assert len(found) == 1, (ids, found)
+        return found[0]
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.get("experiments/get", experiment_id=experiment_id)["experiment"]["name"]
+
     def metric_steps(self, run_id: str, key: str) -> list[int]:
         history = self.get("metrics/get-history", run_id=run_id, metric_key=key, max_results=10000)
         return sorted(m["step"] for m in history.get("metrics", []))

@@ -102,3 +102,17 @@ def test_load_reads_only_the_named_splits(tmp_path):
     assert held < splits["test"].images.nbytes + 100_000
     with pytest.raises(ValueError, match="unknown split.*'training'"):
         load(tmp_path / "d.npz", splits=("training",))
+
+
+def test_tile_lays_rows_of_images_out_on_white_with_coloured_frames():
+    from stages.images import tile
+
+    grey = np.full((3, 4, 5, 1), 10, np.uint8)
+    floats = np.full((2, 4, 5, 3), 1.0, np.float32)  # a row of floats in [0, 1]; the shortest row sets the count
+    picture = tile([grey, floats], gap=2)
+    assert picture.shape == (2 * (4 + 4) + 2, 2 * (5 + 4) + 2, 3) and picture.dtype == np.uint8
+    assert (picture[2:6, 2:7] == 10).all() and (picture[10:14, 2:7] == 255).all()
+    assert (picture[0:2] == 255).all() and (picture[6:10, 2:7] == 255).all()  # the gaps stay white
+    framed = tile([grey[:2]], frames=np.array([[200, 0, 0], [0, 200, 0]], np.uint8), gap=2)
+    assert tuple(framed[0, 0]) == (200, 0, 0) and tuple(framed[0, 9 + 2]) == (0, 200, 0)
+    assert (framed[2:6, 2:7] == 10).all()

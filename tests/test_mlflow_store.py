@@ -82,3 +82,15 @@ def test_stages_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):
     failed = [err[-800:] for _, err, code in results if code != 0]
     assert not failed, failed
     assert len({out.strip() for out, _, _ in results}) == 1  # the same two experiments for all
+
+
+def test_experiments_open_on_the_model_training_side_and_a_chosen_kind_stays(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'kind.db'}")
+    first = mlflow_store.connect("autoencoders")
+    client = MlflowClient()
+    assert client.get_experiment(first).tags[mlflow_store.EXPERIMENT_KIND] == "custom_model_development"
+    client.set_experiment_tag(first, mlflow_store.EXPERIMENT_KIND, "genai_development")  # a user's choice
+    assert mlflow_store.connect("autoencoders") == first
+    assert client.get_experiment(first).tags[mlflow_store.EXPERIMENT_KIND] == "genai_development"

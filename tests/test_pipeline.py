@@ -86,10 +86,13 @@ def _dvc_plots_draw_loss_accuracy_and_confusion(dvc_project):
     """``dvc plots show`` with the templates dvc.yaml declares, from evaluate's
     files: the autoencoder's loss curves and test PSNR by percentile, the
     classifier's accuracy curves and confusion matrix, whose cells count the
-    test images (8)."""
+    test images (8), and each one's image grid."""
     shown = json.loads(_run(dvc_project, "plots", "show", "--json").stdout)
     assert not shown.get("errors"), shown["errors"]
-    plots = {path: entries[0]["content"] for path, entries in shown["data"].items()}
+    images = {path: entries for path, entries in shown["data"].items() if entries[0]["type"] == "image"}
+    assert set(images) == {"plots/images/pets_dae.png", "plots/images/pets_cnn.png"}, images  # no duplicates
+    assert all(Path(entries[0]["url"]).read_bytes()[:4] == b"\x89PNG" for entries in images.values()), images
+    plots = {path: entries[0]["content"] for path, entries in shown["data"].items() if path not in images}
     assert set(plots) == {"plots/autoencoder/pets_dae.json", "plots/autoencoder_test/pets_dae.csv",
                           "plots/classifier/pets_cnn.json", "plots/classifier_test/pets_cnn.csv"}
     values = plots["plots/autoencoder/pets_dae.json"]["data"]["values"]

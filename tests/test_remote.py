@@ -61,8 +61,8 @@ def test_a_pushed_run_is_pulled_by_a_clone_that_then_has_nothing_to_do(tmp_path)
     # the run-cache alone: a clone whose dvc.lock names no run restores every stage's outputs from it
     (cached / "dvc.lock").unlink()
     restored = run_dvc(cached, "repro", "--pull", env=env).stdout
-    # the data stages and the training come from the run-cache; the files kept in git (evaluate's metrics,
-    # report's summary.md) are not pushed with it (DVC 3.67), so those two stages run, in seconds
+    # the data stages and the training come from the run-cache; evaluate and report, whose metrics, plots and
+    # summary are kept in git, are not in it (DVC 3.67), so those two stages run, in seconds
     assert ran(restored) == {"evaluate@pets_cnn", "report"}, restored
     for stage in ("download@pets", "prepare@pets", "train@pets_cnn"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in restored, restored

@@ -89,7 +89,8 @@ def test_server_killed_during_training_and_started_again_loses_nothing(tmp_path)
         run = _only_run(server, "classifiers")
         assert run["info"]["status"] == "FINISHED"
         assert server.metric_steps(run["info"]["run_id"], "loss") == list(range(1, 9))
-        assert "model/MLmodel" in server.artifacts(run["info"]["run_id"], "model")
+        model = server.model_of(run)
+        assert model["info"]["status"] == "LOGGED_MODEL_READY" and model["info"]["name"] == "cls"
     finally:
         process.kill()
         server.stop()
@@ -167,7 +168,8 @@ def test_pipeline_and_two_queued_experiments_over_http_with_credentials_kept_sec
             assert params(run)["training.seed"] == (name[-1] if name else "0")
             assert 0.0 <= metrics(run)["test_accuracy"] <= 1.0
             assert server.metric_steps(run_id, "loss") == [1]
-            assert "model/MLmodel" in server.artifacts(run_id, "model")
+            model = server.model_of(run)  # the logged model, its test metrics attached
+            assert {m["key"] for m in model["data"]["metrics"]} >= {"test_accuracy", "test_loss"}
             png = server.artifact(run_id, "evaluation/confusion_matrix.png")
             assert png.startswith(b"\x89PNG")
             assert secret not in json.dumps(run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -119,8 +121,30 @@ def test_autoencoder_train_and_evaluate_log_one_mlflow_run(lab):
     assert test["latent_size"] == 2 * 2 * 4
     artifacts = {a.path for a in _client().list_artifacts(ref["run_id"], "evaluation")}
     assert {"evaluation/reconstructions.png", "evaluation/curves.png", "evaluation/ae.json"} <= artifacts
-    mlmodel = Path(_client().download_artifacts(ref["run_id"], "model/MLmodel")).read_text()
-    assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
+    # the model: an MLflow LoggedModel of the run, with signature and input example, the test metrics on it
+    run = _client().get_run(ref["run_id"])
+    model = _client().get_logged_model(ref["model_id"])
+    assert model.source_run_id == ref["run_id"] and model.name == "ae"
+    assert {m.key for m in model.metrics} >= {"test_psnr", "test_mse"}
+    info = mlflow.models.get_model_info(f"models:/{ref['model_id']}")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 8, 8, 1)
+    assert info.saved_input_example_info["type"] == "ndarray"
+    # registered as version 1 of model "ae", the first: @champion
+    assert run.data.tags["promotion.alias"] == "champion" and run.data.tags["promotion.version"] == "1"
+    assert str(_client().get_model_version_by_alias("ae", "champion").version) == "1"
+    # the data it used, as dataset inputs: the file's md5 as digest, the split's shape as schema
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"prepared/toy:training", "prepared/toy:validation", "prepared/toy:test"}
+    digest = hashlib.md5((lab / "data/prepared/toy.npz").read_bytes()).hexdigest()
+    assert {i.dataset.digest for i in inputs.values()} == {digest}
+    schema = json.loads(inputs["prepared/toy:test"].dataset.schema)["mlflow_colspec"]
+    test_count = len(np.load(lab / "data/prepared/toy.npz")["test_images"])
+    assert [(c["name"], c["tensor-spec"]["shape"]) for c in schema] == [("x", [test_count, 8, 8, 1]),
+                                                                        ("y", [test_count, 8, 8, 1])]
+    # reconstructions of the same validation images at every epoch (2 epochs: both), as MLflow images
+    images = [a.path for a in _client().list_artifacts(ref["run_id"], "images")]
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if p.endswith(".png"))
+    assert steps == [1, 2] and all("reconstructions" in p for p in images)
     curves = json.loads((lab / "plots/autoencoder/ae.json").read_text())
     assert [row["epoch"] for row in curves] == [1, 2] and "val_loss" in curves[0]
 
@@ -139,7 +163,8 @@ def test_classifier_metrics_match_the_model(lab):
     assert test["accuracy"] == pytest.approx(float((predicted == data.labels).mean()), abs=1e-6)
     confusion = json.loads((lab / "reports/experiments/cls/confusion.json").read_text())
     assert np.asarray(confusion["confusion_matrix"]).sum() == len(data.labels)
-    assert {p.name for p in (lab / "reports/experiments/cls").iterdir()} >= {"confusion_matrix.png", "misclassified.png", "curves.png"}
+    assert {p.name for p in (lab / "reports/experiments/cls").iterdir()} >= {"confusion_matrix.png", "curves.png"}
+    assert (lab / "plots/images/cls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # misclassified, a DVC plot
     run = _client().get_run(json.loads((lab / "models/cls/run.json").read_text())["run_id"])
     assert _client().get_experiment(run.info.experiment_id).name == "classifiers"
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
@@ -186,7 +211,8 @@ def test_each_epoch_logs_its_time_and_its_checkpoint_and_tracking_times(lab, cap
     lines = bench.EPOCH_LINE.findall(caplog.text)
     assert [line[0] for line in lines] == ["1", "2", "3"]
     after = bench.after_epoch(lines)
-    assert len(after["checkpoint_s"]) == len(after["tracking_s"]) == 3, lines
+    assert len(after["checkpoint_s"]) == len(after["tracking_s"]) == len(after["images_s"]) == 3, lines
+    assert all(seconds > 0 for seconds in after["images_s"]), lines  # 3 epochs: an image after each
     assert all(float(line[1]) > 0 for line in lines), lines
     # the default checkpoint_interval_s (120 s) is longer than these epochs: only the last one is checkpointed
     assert after["checkpoint_s"][:2] == [0.0, 0.0] and after["checkpoint_s"][2] > 0, lines

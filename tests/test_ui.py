@@ -18,7 +18,8 @@ if ui_check.chromium_path() is None and not os.environ.get("CI"):
     pytest.skip("no Chromium here (make test installs Debian's chromium; CHROMIUM names another)",
                 allow_module_level=True)
 
-PETS_AE = {**PETS_DAE, "data": {"input": "prepared/pets", "target": "prepared/pets"}}
+PETS_AE = {**PETS_DAE, "data": {"input": "prepared/pets", "target": "prepared/pets"},
+           "training": {**PETS_DAE["training"], "epochs": 2}}  # an image at two steps
 PETS_AE2 = {**PETS_AE, "model": {**PETS_AE["model"], "filters": [8]}}
 
 
@@ -38,9 +39,11 @@ def _filled_project(tmp_path, server: MlflowServer):
 def test_mlflow_ui_and_report_show_what_the_pipeline_logged(tmp_path, monkeypatch):
     """One store filled by ``dvc repro`` (built once: the repro is most of the
     time). The MLflow UI: experiments list, runs list, a run's metrics (values
-    as the store has them), its curves, its reconstruction grid as served, and
-    the compare view; the report page: table and images. Then the check fails
-    where the page does not show what it expects."""
+    as the store has them), its curves, its reconstruction grid as served, the
+    compare view, both logged models with their metrics, both registered
+    models with their @champion, and the reconstructions' steps; the report
+    page: table and images. Then the check fails where the page does not show
+    what it expects."""
     server = MlflowServer(tmp_path / "server").start()
     try:
         project = _filled_project(tmp_path, server)
@@ -49,6 +52,9 @@ def test_mlflow_ui_and_report_show_what_the_pipeline_logged(tmp_path, monkeypatc
             problems = ui_check.check_mlflow_ui(
                 visit, server, {"autoencoders": ["pets_ae", "pets_ae2"], "pipeline": ["report"]},
                 focus=("autoencoders", "pets_ae"))
+            problems += ui_check.check_logged_models(visit, server, "autoencoders", ["pets_ae", "pets_ae2"])
+            problems += ui_check.check_registered_models(visit, server, ["pets_ae", "pets_ae2"])
+            problems += ui_check.check_image_steps(visit, server, "autoencoders", "pets_ae", "reconstructions")
             problems += ui_check.check_report(visit, project / "reports/index.html", ["pets_ae", "pets_ae2"])
             assert problems == []
 
@@ -60,7 +66,8 @@ def test_mlflow_ui_and_report_show_what_the_pipeline_logged(tmp_path, monkeypatc
         server.stop()
     names = sorted(p.name for p in shots.iterdir())
     assert names == ["mlflow-artifact.png", "mlflow-charts.png", "mlflow-compare.png", "mlflow-experiments.png",
-                     "mlflow-run.png", "mlflow-runs.png", "report.png"]
+                     "mlflow-images.png", "mlflow-models.png", "mlflow-registry.png", "mlflow-run.png",
+                     "mlflow-runs.png", "report.png"]
     assert all(ui_check.png_size((shots / n).read_bytes()) == (1400, 900) for n in names)
 
 
