@@ -289,9 +289,13 @@ def check_server(server, names: set[str]) -> list[str]:
     if "report" not in by_name:
         problems.append("MLflow server: no report run")
     for name in sorted(names & set(by_name)):
-        run_id = by_name[name]["info"]["run_id"]
-        if "model/MLmodel" not in server.artifacts(run_id, "model"):
-            problems.append(f"MLflow server: run {name} has no model artifact")
+        run = by_name[name]
+        run_id = run["info"]["run_id"]
+        models = {m["model_id"] for m in run.get("outputs", {}).get("model_outputs", [])}
+        ready = [m for m in server.logged_models(server.experiment_name(run["info"]["experiment_id"]))
+                 if m["info"]["model_id"] in models and m["info"]["status"] == "LOGGED_MODEL_READY"]
+        if [m["info"]["name"] for m in ready] != [name]:
+            problems.append(f"MLflow server: run {name} has no logged model {name!r} ({len(ready)} ready)")
         if not server.artifact(run_id, "evaluation/curves.png").startswith(b"\x89PNG"):
             problems.append(f"MLflow server: run {name} has no evaluation/curves.png")
     log.info("MLflow server: %d runs in %d experiments read back over HTTP", len(runs), len(server.experiments()))

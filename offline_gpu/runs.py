@@ -89,9 +89,16 @@ def under(prefix: Path, cmd: list[str], outputs: list[str]) -> list[str]:
     return [str(prefix / word) if moved(word) else word for word in cmd]
 
 
+def checkpoint_folder(name: str, item: dict) -> str:
+    """Where dvc.yaml's train@name keeps its checkpoints (its ``--checkpoints``; not a DVC output)."""
+    cmd = stage_command("train", name, item)
+    return cmd[cmd.index("--checkpoints") + 1]
+
+
 def experiment_outputs(name: str, item: dict) -> list[str]:
-    """What dvc.yaml's train@name and evaluate@name write."""
-    return [*stage_outputs("train", name, item), *stage_outputs("evaluate", name, item)]
+    """What dvc.yaml's train@name and evaluate@name write: their outputs and the checkpoints."""
+    return [*stage_outputs("train", name, item), *stage_outputs("evaluate", name, item),
+            checkpoint_folder(name, item)]
 
 
 def run_stage(stage: str, key: str, item: dict, *, params: Path, logs: Path, env: dict, prefix: Path | None = None,
@@ -115,11 +122,11 @@ def md5(path: Path) -> str:
 
 
 def small_outputs(name: str, item: dict) -> list[str]:
-    """What dvc.yaml's train@ and evaluate@ stages of ``name`` write, less the
-    model and its checkpoints (too large to bring back from the node;
-    dvc.lock, committed there, records their md5)."""
-    return [path for path, options in {**stage_outputs("train", name, item), **stage_outputs("evaluate", name, item)
-                                       }.items() if not path.endswith(".keras") and not options.get("persist")]
+    """The outputs of dvc.yaml's train@ and evaluate@ stages of ``name``, less
+    the model (too large to bring back from the node; dvc.lock, committed
+    there, records its md5). The checkpoints are no output: they stay too."""
+    return [path for path in [*stage_outputs("train", name, item), *stage_outputs("evaluate", name, item)]
+            if not path.endswith(".keras")]
 
 
 def trained_here(model: Path, checkpoints: Path) -> bool:
@@ -148,7 +155,7 @@ def train_and_evaluate(name: str, item: dict, params: Path, logs: Path, env: dic
 
     trains = stage_outputs("train", name, item)
     model = next(out for out in trains if out.endswith(".keras"))
-    checkpoints = next(out for out, options in trains.items() if options.get("persist"))
+    checkpoints = checkpoint_folder(name, item)
     [metrics_file] = stage_outputs("evaluate", name, item, fields=("metrics",))
     started = time.perf_counter()
     earlier = trained_here(path(model), path(checkpoints))

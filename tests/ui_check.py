@@ -256,8 +256,11 @@ def check_mlflow_ui(visit: Visit, server, expected: dict[str, Sequence[str]], fo
     shared = sorted(set(metrics) & set(other_metrics))
     query = f"runs={json.dumps([run_id, other_id])}&experiments={json.dumps([ids[experiment]])}"
     visit.open(f"{base}#/compare-runs?{query}")
+    # the page draws the table rows in view only: a tall window shows every metric (the system ones too)
+    visit.page.set_viewport_size({"width": VIEWPORT["width"], "height": 4000})
     visit.wait_for_text("Comparing 2 Runs", name, other["info"]["run_name"], run_id, other_id, *shared,
                         what=f"compare view of {name} and {other['info']['run_name']}")
+    visit.page.set_viewport_size(VIEWPORT)
     visit.screenshot("mlflow-compare.png")
     return visit.problems[start:]
 
