@@ -74,11 +74,18 @@ class Visit:
             result = probe()
         return result
 
-    def wait_for_text(self, *texts: str, what: str) -> bool:
-        """Wait until every text is on the page; record one problem naming those missing."""
+    def wait_for_text(self, *texts: str, what: str, scroll: bool = False) -> bool:
+        """Wait until every text is on the page; record one problem naming those
+        missing. ``scroll``: the page draws long lists only where they are in
+        view; scroll down step by step, and count what each step showed."""
+        seen = []
+
         def missing_texts():
-            body = self.page.inner_text("body")
-            return [t for t in texts if t not in body]
+            seen.append(self.page.inner_text("body"))
+            if scroll:
+                self.page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] * 2 // 3)
+                self.page.mouse.wheel(0, VIEWPORT["height"] // 3)
+            return [t for t in texts if not any(t in body for body in seen)]
 
         missing = self.poll(missing_texts, lambda found: not found)
         if not missing:
@@ -256,11 +263,9 @@ def check_mlflow_ui(visit: Visit, server, expected: dict[str, Sequence[str]], fo
     shared = sorted(set(metrics) & set(other_metrics))
     query = f"runs={json.dumps([run_id, other_id])}&experiments={json.dumps([ids[experiment]])}"
     visit.open(f"{base}#/compare-runs?{query}")
-    # the page draws the table rows in view only: a tall window shows every metric (the system ones too)
-    visit.page.set_viewport_size({"width": VIEWPORT["width"], "height": 4000})
     visit.wait_for_text("Comparing 2 Runs", name, other["info"]["run_name"], run_id, other_id, *shared,
-                        what=f"compare view of {name} and {other['info']['run_name']}")
-    visit.page.set_viewport_size(VIEWPORT)
+                        what=f"compare view of {name} and {other['info']['run_name']}", scroll=True)
+    visit.page.evaluate("document.querySelectorAll('*').forEach(e => { if (e.scrollTop) e.scrollTop = 0; })")
     visit.screenshot("mlflow-compare.png")
     return visit.problems[start:]
 
