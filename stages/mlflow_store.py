@@ -25,9 +25,18 @@ from stages.urls import redact, redact_text, split_credentials
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENTS = {"autoencoder": "autoencoders", "classifier": "classifiers"}
-# The MLflow UI opens an experiment with this tag on its model-training side
-# (runs, models, charts) rather than its GenAI side (traces, prompts).
+# The MLflow UI treats an experiment with this tag as a model-training one
+# (runs, models, charts), not a GenAI one (traces, prompts).
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+# MLflow's usage telemetry, started by ``import mlflow`` (every stage imports it
+# after this module), fetches its settings in a background thread; where that
+# fails (no internet, a closed cluster network) the thread deletes an
+# environment variable while the stage's HTTP requests read the environment
+# (the proxy lookup), and a request fails with KeyError
+# '_MLFLOW_TELEMETRY_SESSION_ID' (MLflow 3.17): a training lost to a race. The
+# stages switch it off; MLFLOW_DISABLE_TELEMETRY=false set by the user wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 # An unreachable server must fail a stage within 30 s, not after MLflow's

@@ -94,3 +94,25 @@ def test_experiments_open_on_the_model_training_side_and_a_chosen_kind_stays(tmp
     client.set_experiment_tag(first, mlflow_store.EXPERIMENT_KIND, "genai_development")  # a user's choice
     assert mlflow_store.connect("autoencoders") == first
     assert client.get_experiment(first).tags[mlflow_store.EXPERIMENT_KIND] == "genai_development"
+
+
+def test_mlflow_telemetry_is_off_in_the_stages_unless_asked_for(tmp_path):
+    """Its thread races the stages' requests where it cannot reach its server
+    (see stages/mlflow_store.py). Checked in a process that MLflow does not take
+    for a test or CI run (where it switches telemetry off by itself)."""
+    import subprocess
+    import sys
+
+    probe = ("import stages.mlflow_store, mlflow; from mlflow.telemetry import get_telemetry_client; "
+             "print(get_telemetry_client() is None)")
+    # what mlflow.telemetry.utils takes for a test or CI run, and the switches themselves
+    quiet = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+
+    def telemetry_off(**extra) -> bool:
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, cwd=Path(__file__).parents[1],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1] == "True"
+
+    assert telemetry_off()
+    assert not telemetry_off(MLFLOW_DISABLE_TELEMETRY="false")  # the user's choice wins
