@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.harness import ROOT, apply_overrides, data_needs, gpus, load_params, stage_command, stage_outputs
+from stages.provenance import file_md5
 
 log = logging.getLogger("offline_gpu.runs")
 
@@ -111,14 +111,6 @@ def run_stage(stage: str, key: str, item: dict, *, params: Path, logs: Path, env
         cmd = under(prefix, cmd, experiment_outputs(key, item))
     tag = f".{prefix.name}" if prefix is not None else ""
     run([*cmd, "--params", str(params)], f"{stage}@{key}{tag}", logs / f"{stage}.{key}{tag}.log", env, deadline)
-
-
-def md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def small_outputs(name: str, item: dict) -> list[str]:
@@ -222,7 +214,7 @@ def main() -> int:
     for c in [] if args.no_data else corruptions:
         run_stage("corrupt", c, raw["corruptions"][c], params=params_file, logs=logs, env=env)
     summary["data_s"] = round(time.perf_counter() - started, 1)
-    summary["data_md5"] = {str(p.relative_to(ROOT)): md5(p) for p in sorted(
+    summary["data_md5"] = {str(p.relative_to(ROOT)): file_md5(p) for p in sorted(
         [*(ROOT / "data/prepared").glob("*.npz"), *(ROOT / "data/corrupted").glob("*.npz")])}
     save()
     log.info("data ready in %.1f s: %s", summary["data_s"], summary["data_md5"])

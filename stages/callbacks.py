@@ -167,14 +167,14 @@ class ImageLog(EpochEnd):
         self.run_id, self.autoencoder = run_id, autoencoder
         # copies: the training arrays are let go at the end
         self.x, self.y = np.array(validation.x[:self.SAMPLE]), np.array(validation.y[:self.SAMPLE])
+        self.rows = [self.x] if not autoencoder or np.array_equal(self.x, self.y) else [self.x, self.y]
         self.steps = {step for step in image_epochs(epochs) if step > done}
 
     def picture(self) -> np.ndarray:
         output = np.asarray(keras.ops.convert_to_numpy(self.model.predict_on_batch(to_unit_float(self.x))),
                             np.float32)
         if self.autoencoder:
-            rows = [self.x, *([] if np.array_equal(self.x, self.y) else [self.y]), np.clip(output, 0, 1)]
-            return tile(rows)
+            return tile([*self.rows, np.clip(output, 0, 1)])
         return tile([self.x], frames=self.COLOURS[(output.argmax(axis=1) == self.y).astype(int)])
 
     def epoch_done(self, epoch, logs):

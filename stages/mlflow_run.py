@@ -240,18 +240,11 @@ def dataset_input(name: str, path: str, arrays: dict, md5: str | None = None):
     (from ``dvc.lock``; the file's own md5, which is the same for a binary
     file, where dvc.lock has none) as digest, the file as source, and the
     shape and dtype of each array as schema."""
-    import hashlib
-
     from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types.schema import Schema, TensorSpec
 
-    if md5 is None:
-        digest = hashlib.md5()
-        with open(path, "rb") as data:
-            for block in iter(lambda: data.read(1 << 20), b""):
-                digest.update(block)
-        md5 = digest.hexdigest()
+    md5 = md5 or provenance.file_md5(path)
     schema = Schema([TensorSpec(array.dtype, array.shape, key) for key, array in arrays.items()])
     local = next(source for source in get_registered_sources() if source._get_source_type() == "local")
     return MetaDataset(local(Path(path).resolve().as_uri()), name=name, digest=md5, schema=schema)

@@ -39,6 +39,15 @@ def git_state(root: Path = Path(".")) -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status))}
 
 
+def file_md5(path: Path | str) -> str:
+    """A file's md5, read 1 MiB at a time: what DVC records for a binary file."""
+    digest = hashlib.md5()
+    with open(path, "rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def data_hashes(paths: list[str], lock: Path = Path("dvc.lock")) -> dict[str, str]:
     """md5 of each path as recorded in dvc.lock by the stage that wrote it."""
     try:
