@@ -18,8 +18,11 @@ export PATH := $(BIN):$(PATH)
 # missing (CHROMIUM=/path/to/chrome uses another and skips the install).
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# The team-server tests start a real PostgreSQL: Debian's package, installed
+# here when its programs are missing (PG_BIN=/path/to/bin uses others).
+PG_CTL ?= $(or $(wildcard $(PG_BIN)/pg_ctl),$(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))),$(shell command -v pg_ctl))
 
-.PHONY: setup browser repro repro-offline test smoke bench
+.PHONY: setup browser postgres repro repro-offline test smoke bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +38,12 @@ ifeq ($(strip $(CHROMIUM)),)
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
 endif
 
+postgres:
+ifeq ($(strip $(PG_CTL)),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null
+endif
+
 repro: setup
 	$(BIN)/dvc repro
 
@@ -45,10 +54,10 @@ OFFLINE_MIRROR = $(or $(DATA_MIRROR),../shared/datasets)
 repro-offline: setup
 	DATA_MIRROR=$(OFFLINE_MIRROR) $(BIN)/dvc exp run -S datasets.cifar10.source.builtin=cifar10_jpeg
 
-test: setup browser
+test: setup browser postgres
 	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
-smoke: setup browser
+smoke: setup browser postgres
 	$(BIN)/python .ci/smoke.py
 
 bench: setup
