@@ -143,6 +143,7 @@ def setup(kind: str, batch_size: int, where: str) -> Iterator[Placement]:
     ``where`` names the params key, for errors (``experiments.<name>.training``).
     """
     if kind == "none":
+        _check_alone(where)
         yield ONE
         return
     prepare_devices()
@@ -188,6 +189,17 @@ def setup(kind: str, batch_size: int, where: str) -> Iterator[Placement]:
     else:
         raise PipelineError(f"{where}.distribution: data_parallel is not supported on the {backend} backend "
                             "(use jax or tensorflow)")
+
+
+def _check_alone(where: str) -> None:
+    """A training on one device started as one of several processes (a
+    launch over several hosts) would train alone in each and write from each."""
+    raw = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "")
+    if raw.strip().isdigit() and int(raw) > 1:
+        raise PipelineError(f"{where}.distribution: none, but this process is one of {int(raw)} "
+                            f"(KERAS_DISTRIBUTION_NUM_PROCESSES={raw}): each would train the whole model and "
+                            "write it; set distribution: data_parallel, or unset the KERAS_DISTRIBUTION_* "
+                            "variables to train in one process")
 
 
 def _jax_devices(keras) -> list[str]:
