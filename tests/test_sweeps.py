@@ -1,0 +1,104 @@
+"""Sweeps with DVC's own queue: grids queued with ``dvc exp run --queue -S``
+(a list of values and ``range(...)``), run two at a time by ``dvc queue
+start -j 2``, then compared by ``dvc exp show`` and ``python -m cluster.compare``,
+on the tiny pets image folder of test_pipeline.py."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+import builders
+from dvc_helpers import REPO, dvc_env, git_commit, make_project, pets_params, run_dvc, wait_for_queue
+from test_pipeline import PETS_CNN
+
+TRAINING = "experiments.pets_cnn.training"
+
+
+@pytest.fixture
+def project(tmp_path):
+    folder = tmp_path / "pets"
+    builders.image_folder(folder, classes=("cat", "dog"), per_class=4, mode="L")
+    archive = builders.tar_gz(folder, tmp_path / "pets.tar.gz")
+    source = {"path": str(archive), "sha256": builders.sha256(archive.read_bytes())}
+    root = make_project(tmp_path / "proj", pets_params(source, {"pets_cnn": PETS_CNN}))
+    run_dvc(root, "repro")
+    git_commit(root, "baseline")  # batch_size 4, 1 epoch
+    return root
+
+
+def _experiments(root) -> dict[str, dict]:
+    """name -> {state, training params, the metrics file} from dvc exp show --json."""
+    shown = json.loads(run_dvc(root, "exp", "show", "--json").stdout)
+    found = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            found[exp["name"]] = {
+                "state": (exp.get("executor") or {}).get("state"),
+                "training": data["params"]["params.yaml"]["data"]["experiments"]["pets_cnn"]["training"],
+                "metrics": data["metrics"].get("metrics/pets_cnn.json", {}).get("data")}
+    return found
+
+
+def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
+    bs = run_dvc(project, "exp", "run", "--queue", "-n", "bs", "-S", f"{TRAINING}.batch_size=2,8")
+    ep = run_dvc(project, "exp", "run", "--queue", "-n", "ep", "-S", f"{TRAINING}.epochs=range(1,3)")
+    assert "Queued experiment 'bs-2'" in bs.stdout and "Queued experiment 'ep-2'" in ep.stdout, bs.stdout + ep.stdout
+
+    queued = _experiments(project)
+    # one experiment per value; range's stop is left out, as in Python; the rest stays the baseline's
+    assert {name: (e["state"], e["training"]["batch_size"], e["training"]["epochs"]) for name, e in queued.items()} \
+        == {"bs-1": ("queued", 2, 1), "bs-2": ("queued", 8, 1), "ep-1": ("queued", 4, 1), "ep-2": ("queued", 4, 2)}
+
+    # two cores: run three of them (two trainings, as ep-1 has the baseline's params), not all four
+    run_dvc(project, "queue", "remove", "bs-2")
+    assert "bs-2" not in _experiments(project)
+    run_dvc(project, "queue", "start", "-j", "2")
+    try:
+        status = wait_for_queue(project)
+    finally:
+        run_dvc(project, "queue", "stop", check=False)
+    assert status.count("Success") == 3, status
+
+    done = _experiments(project)
+    for name, exp in done.items():
+        assert exp["state"] == "success", (name, exp)
+        assert exp["metrics"]["epochs"] == exp["training"]["epochs"], name  # evaluate's, from this run's model
+        assert 0.0 <= exp["metrics"]["test"]["accuracy"] <= 1.0 and exp["metrics"]["test"]["loss"] > 0, name
+
+    changed = list(csv.DictReader(io.StringIO(run_dvc(project, "exp", "show", "--only-changed", "--csv").stdout)))
+    assert {row["Experiment"] for row in changed} >= {"bs-1", "ep-1", "ep-2"}
+    assert {f"{TRAINING}.batch_size", f"{TRAINING}.epochs"} <= set(changed[0])
+    assert f"{TRAINING}.loss" not in changed[0]  # the same everywhere: left out
+
+    diff = json.loads(run_dvc(project, "plots", "diff", "bs-1", "ep-2", "--json").stdout)
+    assert diff["data"]["plots/classifier/pets_cnn.json"][0]["revisions"] == ["bs-1", "ep-2"]
+
+    compared = subprocess.run([sys.executable, "-m", "cluster.compare", "--repo", str(project)], cwd=REPO,
+                              env=dvc_env(), capture_output=True, text=True, timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    lines = [line for line in compared.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| experiment | training.epochs | training.batch_size | test.accuracy | test.loss |"
+    rows = {line.split(" | ")[0].strip("| *").removesuffix("** (best)"): line for line in lines[1:]}
+    assert {"bs-1", "ep-1", "ep-2"} <= set(rows), compared.stdout
+    test = {name: exp["metrics"]["test"] for name, exp in done.items()}
+    best = max(test, key=lambda name: (test[name]["accuracy"], -test[name]["loss"]))
+    assert rows[best].startswith(f"| **{best}** (best) | {done[best]['training']['epochs']} | "
+                                 f"{done[best]['training']['batch_size']} | {test[best]['accuracy']:.4f}"), \
+        compared.stdout
+    ranked = [row.split(" | ")[0].strip("| *").removesuffix("** (best)") for row in lines[1:]]
+    experiments_only = [name for name in ranked if name in test]
+    assert experiments_only == sorted(test, key=lambda n: (-test[n]["accuracy"], test[n]["loss"], n)), compared.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    classifiers = client.get_experiment_by_name("classifiers")
+    runs = client.search_runs([classifiers.experiment_id], "tags.dvc_exp_name LIKE 'bs-%'")
+    assert {(r.data.tags["dvc_exp_name"], r.data.params["training.batch_size"]) for r in runs} == {("bs-1", "2")}
+    # ep-1 has the baseline's params: DVC found nothing to run, and its results are the baseline's
+    assert not client.search_runs([classifiers.experiment_id], "tags.dvc_exp_name = 'ep-1'")
