@@ -150,6 +150,10 @@ def _process(command: list[str], variables: dict[str, str], workdir: str, index:
     (Ray shows it at the launcher); its exit code and last lines."""
     import ray
 
+    # Ray cancels a running task with a simulated SIGINT, lost where SIGINT is ignored (a launcher or
+    # cluster started in the background by a shell): restore Python's own handler for this task
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     started, tail = time.monotonic(), collections.deque(maxlen=TAIL_LINES)
     process = subprocess.Popen(command, cwd=workdir, env={**os.environ, **variables}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
@@ -222,7 +226,14 @@ def launch_on_ray(command: Sequence[str], nodes: int, *, cpus: float = 1, gpus: 
             variables = process_env(env, from_placement(ips, i, port))
             tasks[run.options(**in_bundle(i, num_cpus=cpus, num_gpus=gpus), name=f"process {i}").remote(
                 list(command), variables, workdir, i)] = i
-        return _collect(tasks, ips, grace_s)
+        try:
+            return _collect(tasks, ips, grace_s)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM at the launcher: the commands stop too, not orphaned
+            log.warning("interrupted: stopping the %d process(es)", nodes)
+            for ref in tasks:
+                ray.cancel(ref)
+            ray.wait(list(tasks), num_returns=len(tasks), timeout=STOP_S)
+            raise
     finally:
         remove_placement_group(group)
 
@@ -334,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command: give it after '--' (python -m cluster.launch -- python -m stages.train NAME)")
-    if args.ray and not args.nodes:
-        parser.error("--ray needs --nodes N")
+    if args.ray and (args.nodes or 0) < 1:
+        parser.error(f"--ray needs --nodes N, 1 or more (got {args.nodes})")
+    if args.cpus < 0 or args.gpus < 0 or not args.cpus and not args.gpus:
+        parser.error(f"--cpus {args.cpus:g} --gpus {args.gpus:g}: each process needs some CPUs or GPUs, none negative")
     from stages.cli import setup_logging
 
     setup_logging()
@@ -344,10 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _exec_under_skypilot(command, args.port)
         import ray
 
-        process_env(os.environ, Job("", 1, 0))  # a wrong KERAS_BACKEND stops here, before Ray starts
         env = _forwarded(args.env)
-        process_env(env, Job("", 1, 0))
+        process_env({**os.environ, **env}, Job("", 1, 0))  # a backend other than JAX stops here, before Ray
         ray.init(address=args.address, logging_level=logging.WARNING)
+        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which sets its own
         try:
             results = launch_on_ray(command, args.nodes, cpus=args.cpus, gpus=args.gpus, pack=args.pack,
                                     workdir=os.path.abspath(args.workdir), env=env, wait_s=args.wait,
@@ -359,6 +372,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt()
 
 
 def _exec_under_skypilot(command: list[str], port: int | None) -> int:

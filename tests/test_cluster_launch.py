@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -115,7 +116,9 @@ def test_the_launcher_refuses_bad_input_with_exit_1_before_anything_starts(monke
 
 
 @pytest.mark.parametrize("argv, message", [([], "no command: give it after '--'"),
-                                           (["--ray", "--", "true"], "--ray needs --nodes N")])
+                                           (["--ray", "--", "true"], "--ray needs --nodes N, 1 or more (got None)"),
+                                           (["--ray", "--nodes", "2", "--cpus", "0", "--", "true"],
+                                            "--cpus 0 --gpus 0: each process needs some CPUs or GPUs")])
 def test_a_launch_without_a_command_or_node_count_is_a_usage_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -300,3 +303,43 @@ def test_processes_that_the_cluster_cannot_place_or_whose_folder_is_missing_are_
     assert result.returncode == 1
     assert f"--workdir {missing}: no such folder for process 0 on " in result.stderr
     assert "every host needs the project at the same path" in result.stderr
+
+
+WAIT = """
+import os, time
+open(f"pid-{os.environ['KERAS_DISTRIBUTION_PROCESS_ID']}", "w").write(str(os.getpid()))
+time.sleep(300)
+"""
+
+
+@ray_only
+def test_a_launcher_stopped_with_sigterm_stops_its_processes_too(tmp_path):
+    """SIGTERM to the launcher (a scheduler cancelling it) stops every
+    process's command, not leaving them to train on: also where SIGINT is
+    ignored, as for a launcher started in the background by a shell (Ray's
+    cancel is a simulated SIGINT)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)}
+    launch = [sys.executable, "-m", "cluster.launch", "--ray", "--address", "local", "--nodes", "2", "--pack", "--",
+              sys.executable, "-c", WAIT]
+    launcher = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *launch], cwd=tmp_path, env=env,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"pid-{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)  # both pid files written
+        pids = [int((tmp_path / f"pid-{i}").read_text()) for i in (0, 1)]
+        launcher.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        code = launcher.wait(timeout=60)
+        stopped_s = time.monotonic() - stopping
+    finally:
+        launcher.kill()
+    stderr = launcher.stderr.read()
+    assert code == 130, stderr[-3000:]
+    assert "interrupted: stopping the 2 process(es)" in stderr
+    assert stopped_s < 30, stopped_s  # without SIGINT, Ray's cancel is lost and the launcher waits 40 s (STOP_S)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
