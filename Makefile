@@ -5,6 +5,8 @@
 #   make repro-offline  the pipeline on the offline dataset mirror (DATA_MIRROR, default
 #                       ../shared/datasets), CIFAR-10 from the JPEG copy the mirror holds
 #   make smoke          the CI retraining smoke on the mirror (.ci/smoke.py)
+#   make team-server    the team tracking server (python -m cluster.team_server): PostgreSQL in
+#                       $(TEAM)/postgres, artifacts in $(TEAM)/artifacts, http://127.0.0.1:5000
 #   make bench          the prepare benchmark on the mirror (python -m benchmarks.bench_prepare;
 #                       the other benchmarks: python -m benchmarks.<name>)
 
@@ -22,7 +24,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 # here when its programs are missing (PG_BIN=/path/to/bin uses others).
 PG_CTL ?= $(or $(wildcard $(PG_BIN)/pg_ctl),$(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))),$(shell command -v pg_ctl))
 
-.PHONY: setup browser postgres repro repro-offline test smoke bench
+.PHONY: setup browser postgres repro repro-offline test smoke bench team-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +64,12 @@ smoke: setup browser postgres
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_prepare
+
+# TEAM_SERVER_ARGS adds options (--host 0.0.0.0, --auth, --workers N: python -m
+# cluster.team_server --help). As root, PostgreSQL runs as the postgres user,
+# which must pass through every parent folder of $(TEAM) (chmod o+x); where it
+# cannot (a project under /root), TEAM=/var/lib/imagepipe-team.
+TEAM ?= .team
+team-server: setup postgres
+	$(BIN)/python -m cluster.team_server --postgres $(TEAM)/postgres --artifacts-destination $(TEAM)/artifacts \
+		$(TEAM_SERVER_ARGS)

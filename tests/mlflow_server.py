@@ -4,10 +4,15 @@ The server runs with a SQLite backend and a local artifact store (served
 through the server, ``--artifacts-destination``), in its own process group so
 that stopping it takes its workers along. MLflow's job runner (only used by
 its GenAI features) is switched off: its consumers would compete for the CPU.
+
+:class:`TeamServer` is the team tracking server instead (``python -m
+cluster.team_server``: PostgreSQL, several workers, optional basic auth) with
+the same client; ``auth`` gives the client credentials.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -34,22 +40,25 @@ class MlflowServer:
         self.root = root
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
+        self.auth: tuple[str, str] | None = None  # (user, password) the REST client sends
         root.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> "MlflowServer":
+    def _launch(self, log) -> subprocess.Popen:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
-        log = open(self.root / "server.log", "ab")
-        self.process = subprocess.Popen(
+        return subprocess.Popen(
             [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+
+    def start(self, timeout: float = 120.0) -> "MlflowServer":
+        with open(self.root / "server.log", "ab") as log:
+            self.process = self._launch(log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -79,16 +88,20 @@ class MlflowServer:
 
     # --- REST API (https://mlflow.org/docs/latest/rest-api.html), read back without the MLflow client
 
+    def _open(self, url: str, body: dict | None = None) -> bytes:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
+        request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                         headers=headers, method="GET" if body is None else "POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
     def get(self, endpoint: str, **query) -> dict:
-        url = f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return json.loads(response.read())
+        return json.loads(self._open(f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"))
 
     def post(self, endpoint: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        return json.loads(self._open(f"{self.url}/api/2.0/mlflow/{endpoint}", body))
 
     def experiments(self) -> dict[str, str]:
         """{name: id} of every active experiment."""
@@ -129,8 +142,32 @@ class MlflowServer:
 
     def artifact(self, run_id: str, path: str) -> bytes:
         query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
-        with urllib.request.urlopen(f"{self.url}/get-artifact?{query}", timeout=30) as response:
-            return response.read()
+        return self._open(f"{self.url}/get-artifact?{query}")
+
+
+class TeamServer(MlflowServer):
+    """``python -m cluster.team_server ARGS --port PORT`` as a process (its
+    output in ``root/server.log``), with the same REST client. :meth:`stop`
+    sends it SIGTERM, as a user's Ctrl-C would: it stops its ``mlflow
+    server`` and the PostgreSQL it started; the exit code is returned."""
+
+    def __init__(self, root: Path, args: list[str], port: int | None = None, env: dict | None = None):
+        super().__init__(root, port)
+        self.args, self.env = args, env or {}
+
+    def _launch(self, log) -> subprocess.Popen:
+        env = {**os.environ, **self.env}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        return subprocess.Popen([sys.executable, "-m", "cluster.team_server", "--port", str(self.port), *self.args],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        code = None
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            code = self.process.wait(timeout=90)
+        self.process = None
+        return code
 
 
 def tags(run: dict) -> dict[str, str]:
