@@ -12,12 +12,19 @@ to name them, then older ones are removed: whenever the process is killed,
 ``state.json`` names complete files or none. A state is used only for the
 same params and data (its fingerprint) and only while its run is not
 complete.
+
+With ``IMAGEPIPE_CHECKPOINTS`` set (a folder every machine reaches, such as
+a network share), the folder is ``<that>/<experiment>-<fingerprint>``
+instead: a training retried on another machine, in another clone of the
+project, resumes where the killed one left off, and runs of the same
+experiment with other params (the points of a sweep) never share one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ from stages.errors import PipelineError
 from stages.experiment_params import Experiment
 
 STRUCTURE = "model"
+SHARED = "IMAGEPIPE_CHECKPOINTS"  # a shared checkpoint root, keyed by fingerprint (see the module's docstring)
 
 
 @dataclass
@@ -54,6 +62,12 @@ def fingerprint(exp: Experiment, epochs: int, inputs: list[str], samples: int) -
     config["training"].pop("checkpoint_interval_s")
     return provenance.params_hash({"config": config, "epochs": epochs, "data": provenance.data_hashes(inputs),
                                    "samples": samples})
+
+
+def folder_for(name: str, given: Path, fingerprint: str) -> Path:
+    """``given``, or ``<IMAGEPIPE_CHECKPOINTS>/<name>-<fingerprint>`` when that is set."""
+    shared = os.environ.get(SHARED)
+    return Path(shared).expanduser() / f"{name}-{fingerprint}" if shared else given
 
 
 def all_variables(model: keras.Model) -> list:

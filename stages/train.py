@@ -31,7 +31,7 @@ import keras  # noqa: E402
 
 from stages import atomic, cli, distribution, params as params_mod, provenance  # noqa: E402
 from stages.callbacks import Checkpointing, EpochLog, History, ImageLog, LetGo, MlflowMetrics, NanGuard  # noqa: E402
-from stages.checkpoint import Checkpoint, State, fingerprint  # noqa: E402
+from stages.checkpoint import Checkpoint, State, fingerprint, folder_for  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path, split_files  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
 from stages.feeder import EpochOrder, ScaledBatches, on_device  # noqa: E402
@@ -206,7 +206,8 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     with distribution.setup(t.distribution, t.batch_size, f"experiments.{name}.training") as placement:
         configure_backend(t.seed, t.mixed_precision)
         inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})
-        checkpoint = Checkpoint(checkpoints, fingerprint(exp, epochs, inputs, len(train_arrays)))
+        key = fingerprint(exp, epochs, inputs, len(train_arrays))
+        checkpoint = Checkpoint(folder_for(name, checkpoints, key), key)
         state, stale_run = start_point(checkpoint, placement)
         model = starting_model(name, exp, data, train_arrays, checkpoint, state, epochs, placement)
         log.info("train %s: %s on %s (%s), train %s val %s, %d epochs, batch %d, backend %s, %d replica(s)",
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
     def configure(parser):
         parser.add_argument("experiment", help="an experiment named under 'experiments' in params.yaml")
         parser.add_argument("--out", type=Path, help="output folder (default: models/<experiment>)")
-        parser.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: checkpoints/<experiment>)")
+        parser.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: checkpoints/<experiment>; "
+                            "with IMAGEPIPE_CHECKPOINTS set: <that>/<experiment>-<fingerprint of params and data>)")
 
     def body(args):
         params = params_mod.load(args.params)

@@ -341,6 +341,34 @@ def test_a_changed_checkpoint_interval_still_resumes(lab, caplog):
     assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
 
 
+def test_shared_checkpoints_resume_in_another_copy_of_the_project_keyed_by_fingerprint(lab, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """IMAGEPIPE_CHECKPOINTS: a training killed in one copy of the project (one
+    machine) resumes in another from the shared folder of its fingerprint, in
+    the same MLflow run; other params get a folder of their own."""
+    caplog.set_level(logging.INFO)
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("IMAGEPIPE_CHECKPOINTS", str(shared))
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 0}}})
+    assert train_mod.main(["ae"]) == 0
+    [folder] = shared.iterdir()
+    state = json.loads((folder / "state.json").read_text())
+    assert folder.name == f"ae-{state['fingerprint']}" and not (lab / "checkpoints").exists()
+    (folder / "state.json").write_text(json.dumps({**state, "complete": False}))  # killed at the end
+
+    other = tmp_path / "other_copy"
+    shutil.copytree(lab / "data", other / "data")
+    shutil.copy(lab / "params.yaml", other)
+    monkeypatch.chdir(other)
+    assert train_mod.main(["ae"]) == 0
+    assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
+    assert json.loads((other / "models/ae/run.json").read_text())["run_id"] == state["run_id"]
+
+    _params(other, {"ae": {**AE, "training": {**AE["training"], "batch_size": 8, "epochs": 1}}})
+    assert train_mod.main(["ae"]) == 0
+    assert len(list(shared.iterdir())) == 2 and not (other / "checkpoints").exists()
+
+
 def test_evaluate_with_a_run_from_another_store_fails_clearly(lab, caplog, monkeypatch, tmp_path):
     _params(lab, {"ae": {**AE, "training": {**AE["training"], "epochs": 1}}})
     assert train_mod.main(["ae"]) == 0
