@@ -4,11 +4,14 @@ writers side by side, and whether any write fails ("database is locked").
 Each writer is a process doing what a train stage does, as fast as it can:
 create a run, log its params and tags, log ``--epochs`` epochs of four
 metrics one ``log_batch`` per epoch (as ``stages.mlflow_run.MetricLog`` does),
-end the run; ``--runs`` times. Stores: the embedded SQLite file, and a real
-``mlflow server`` on 127.0.0.1 (SQLite backend, local artifacts, one worker
-process). Every run is read back at the end and checked complete.
+log a small artifact, end the run; ``--runs`` times. Stores: the embedded
+SQLite file; a real ``mlflow server`` on 127.0.0.1 with a SQLite backend and
+one worker process (``server``); the team server of :mod:`cluster.team_server`,
+a real PostgreSQL backend and ``--server-workers`` worker processes
+(``postgres``). Every run is read back at the end: each run once, FINISHED,
+every metric point of every run once, every artifact with its content.
 
-    python -m benchmarks.bench_tracking                 # 1, 2, 4, 8 writers on both stores
+    python -m benchmarks.bench_tracking                 # 1, 2, 4, 8 writers on every store
     python -m benchmarks.bench_tracking --writers 4 --store sqlite --json out.json
 """
 
@@ -18,6 +21,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,11 @@ from benchmarks.harness import machine, write_results
 
 log = logging.getLogger("bench_tracking")
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+ARTIFACT = "notes/run.txt"
+
+
+def artifact_text(worker: int, run: int) -> str:
+    return f"writer {worker} run {run}\n"
 
 
 def writer(uri: str, worker: int, runs: int, epochs: int, ready, go, queue) -> None:
@@ -48,6 +57,7 @@ def writer(uri: str, worker: int, runs: int, epochs: int, ready, go, queue) -> N
             for epoch in range(1, epochs + 1):
                 now = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[Metric(k, 1.0 / epoch, now, epoch) for k in METRICS])
+            client.log_text(run_id, artifact_text(worker, r), ARTIFACT)
             client.set_terminated(run_id, "FINISHED")
             done += 1
         except Exception as exc:  # noqa: BLE001 - counted and reported, that is the point
@@ -55,30 +65,40 @@ def writer(uri: str, worker: int, runs: int, epochs: int, ready, go, queue) -> N
     queue.put((done, errors))
 
 
-def check(uri: str, expected_runs: int, epochs: int) -> list[str]:
-    """Every run FINISHED with every epoch of every metric: the problems found."""
+def check(uri: str, writers: int, runs: int, epochs: int) -> list[str]:
+    """Each of the ``writers`` x ``runs`` runs recorded once, FINISHED, with
+    every epoch of every metric once and its artifact: the problems found."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("load")
-    runs = client.search_runs([experiment.experiment_id], max_results=50_000)
-    problems = [] if len(runs) == expected_runs else [f"{len(runs)} runs recorded, {expected_runs} expected"]
-    for run in runs:
+    found = client.search_runs([experiment.experiment_id], max_results=50_000)
+    names = [run.info.run_name for run in found]
+    expected = {f"w{w}-r{r}" for w in range(writers) for r in range(runs)}
+    problems = [f"{len(found)} runs recorded, {len(expected)} expected"] if len(found) != len(expected) else []
+    problems += [f"run {name} recorded {names.count(name)} times" for name in sorted(set(names)) if names.count(name) > 1]
+    problems += [f"run {name} missing" for name in sorted(expected - set(names))]
+    for run in found:
+        name = run.info.run_name
         if run.info.status != "FINISHED":
-            problems.append(f"{run.info.run_name}: {run.info.status}")
-    for run in runs[:5]:  # full histories of a sample; the count above covers the rest
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
-        if sorted(steps) != list(range(1, epochs + 1)):
-            problems.append(f"{run.info.run_name}: val_loss steps {sorted(steps)[:5]}...")
+            problems.append(f"{name}: {run.info.status}")
+        for key in METRICS:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            if steps != list(range(1, epochs + 1)):
+                problems.append(f"{name}: {key} has {len(steps)} points (steps {steps[:3]}...), {epochs} expected")
+        worker, number = (int(part[1:]) for part in name.split("-"))
+        text = client.download_artifacts(run.info.run_id, ARTIFACT, dst_path=tempfile.mkdtemp())
+        if Path(text).read_text() != artifact_text(worker, number):
+            problems.append(f"{name}: artifact {ARTIFACT} differs")
     return problems
 
 
-def load(uri: str, writers: int, runs: int, epochs: int) -> dict:
+def load(uri: str, writers: int, runs: int, epochs: int, artifacts: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if client.get_experiment_by_name("load") is None:
-        client.create_experiment("load")
+        client.create_experiment("load", artifact_location=artifacts)
     context = multiprocessing.get_context("spawn")
     queue, ready, go = context.Queue(), context.Semaphore(0), context.Event()
     processes = [context.Process(target=writer, args=(uri, w, runs, epochs, ready, go, queue))
@@ -95,17 +115,19 @@ def load(uri: str, writers: int, runs: int, epochs: int) -> dict:
         p.join()
     done = sum(r[0] for r in results)
     errors = [e for r in results for e in r[1]]
-    requests = done * (epochs + 3)
+    requests = done * (epochs + 4)
     return {"writers": writers, "runs": done, "epochs": epochs, "seconds": round(elapsed, 2),
             "runs_per_s": round(done / elapsed, 2), "points_per_s": round(done * epochs * len(METRICS) / elapsed),
             "requests_per_s": round(requests / elapsed), "errors": errors[:10], "error_count": len(errors),
-            "problems": check(uri, writers * runs, epochs)}
+            "problems": check(uri, writers, runs, epochs)}
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", choices=["sqlite", "server", "both"], default="both")
+    parser.add_argument("--store", choices=["sqlite", "server", "postgres", "all"], default="all")
+    parser.add_argument("--server-workers", type=int, default=4, help="worker processes of the postgres store's "
+                        "team server (default 4)")
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--runs", type=int, default=10, help="runs per writer")
     parser.add_argument("--epochs", type=int, default=50, help="epochs (log_batch calls) per run")
@@ -113,27 +135,40 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here (default: "
                         "benchmarks/results/bench_tracking.json)")
     args = parser.parse_args(argv)
-    from tests.mlflow_server import MlflowServer  # the tests' real server on 127.0.0.1
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the read-back downloads
+    from tests.mlflow_server import MlflowServer, TeamServer  # the tests' real servers on 127.0.0.1
 
     results = {"machine": machine("mlflow", keras=False), "runs_per_writer": args.runs, "epochs": args.epochs,
                "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        for store in (["sqlite", "server"] if args.store == "both" else [args.store]):
+        for store in (["sqlite", "server", "postgres"] if args.store == "all" else [args.store]):
             for writers in args.writers:
                 folder = workdir / f"{store}-{writers}"
-                server = None
+                server, artifacts = None, None
                 if store == "server":
                     server = MlflowServer(folder).start()
                     uri = server.url
+                elif store == "postgres":
+                    # as root PostgreSQL runs as the postgres user, which must reach its folder
+                    database = Path(tempfile.mkdtemp(prefix="bench-tracking-pg-"))
+                    database.chmod(0o755)
+                    server = TeamServer(folder / "server", [
+                        "--postgres", str(database), "--workers", str(args.server_workers),
+                        "--artifacts-destination", str(folder / "artifacts")]).start()
+                    uri = server.url
                 else:
                     folder.mkdir(parents=True)
-                    uri = f"sqlite:///{folder / 'mlflow.db'}"
+                    uri, artifacts = f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
                 try:
-                    row = {"store": store, **load(uri, writers, args.runs, args.epochs)}
+                    row = {"store": store, **load(uri, writers, args.runs, args.epochs, artifacts)}
                 finally:
                     if server:
-                        server.stop()
+                        server.stop()  # the team server stops its PostgreSQL too
+                    if store == "postgres":
+                        shutil.rmtree(database, ignore_errors=True)
+                if store == "postgres":
+                    row["server_workers"] = args.server_workers
                 results["rows"].append(row)
                 log.info("%-6s %d writers: %d runs in %.1f s, %.1f runs/s, %d metric points/s, %d errors%s",
                          store, writers, row["runs"], row["seconds"], row["runs_per_s"], row["points_per_s"],
