@@ -11,10 +11,12 @@ experiment's metrics file exists with finite values, the autoencoders beat a
 PSNR floor, the classifiers beat chance (the deliberately broken
 colored-MNIST model excepted), the report exists, every MLflow run finished,
 and ``dvc exp show`` lists the metrics. The user's workspace is never
-touched. By default the stages log to a real ``mlflow server`` started
-on 127.0.0.1 for the run (SQLite backend, artifacts served by it), and the
-runs and artifacts are read back through its REST API; ``--tracking sqlite``
-uses the project's embedded store instead. Then a headless Chromium opens the
+touched. By default the stages log to the team tracking server started on
+127.0.0.1 for the run (``python -m cluster.team_server``: a PostgreSQL of its
+own, ``mlflow server`` with 4 workers, artifacts served by it), and the runs
+and artifacts are read back through its REST API; ``--tracking server`` uses
+a one-worker ``mlflow server`` on SQLite instead, ``--tracking sqlite`` the
+project's embedded store. Then a headless Chromium opens the
 MLflow UI over that server (experiments, runs, a run's metrics, curves and
 reconstruction grid, the compare view, every logged model with its metrics,
 every registered model with its @champion, the reconstructions' steps) and
@@ -332,6 +334,22 @@ def check_ui(server, project: Path, experiments: dict, shots: Path | None) -> li
     return visit.problems
 
 
+def start_server(tracking: str, root: Path):
+    """The tracking server the stages log to over HTTP (None for the project's SQLite file): the team
+    server (PostgreSQL in ``root/postgres``, 4 workers), or a one-worker server on SQLite."""
+    if tracking == "sqlite":
+        return None
+    servers = tests_helper("mlflow_server")
+    if tracking == "server":
+        server = servers.MlflowServer(root).start()
+    else:  # the folder's parents must let PostgreSQL's user through as root: under /tmp they do
+        server = servers.TeamServer(root, ["--postgres", str(root / "postgres"), "--workers", "4",
+                                           "--artifacts-destination", str(root / "artifacts")]).start()
+    log.info("logging to a real mlflow server at %s (%s)", server.url,
+             "PostgreSQL, 4 workers" if tracking == "postgres" else "SQLite")
+    return server
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -344,9 +362,9 @@ def main() -> int:
     parser.add_argument("--download-cache", type=Path, help="keep verified downloads here between runs")
     parser.add_argument("--update-baseline", action="store_true",
                         help=f"store this run's metrics as the regression baseline ({BASELINE.relative_to(ROOT)})")
-    parser.add_argument("--tracking", choices=["server", "sqlite"], default="server",
-                        help="log to a real mlflow server started on 127.0.0.1 (default), or to the project's "
-                             "SQLite file")
+    parser.add_argument("--tracking", choices=["postgres", "server", "sqlite"], default="postgres",
+                        help="log to the team tracking server on a PostgreSQL of its own (default), to a "
+                             "one-worker mlflow server on SQLite, or to the project's SQLite file")
     parser.add_argument("--screenshots", type=Path,
                         help="save the browser check's screenshots (MLflow UI, report) into this folder")
     skipped = skipped_in_ci(yaml.safe_load((ROOT / "params.yaml").read_text()))
@@ -380,10 +398,9 @@ def main() -> int:
     started = time.perf_counter()
     server = None
     try:
-        if args.tracking == "server":  # a real server over HTTP: SQLite backend, artifacts served by it
-            server = tests_helper("mlflow_server").MlflowServer(work.parent / f"{work.name}-mlflow-server").start()
+        server = start_server(args.tracking, work.parent / f"{work.name}-mlflow-server")
+        if server:
             env["MLFLOW_TRACKING_URI"] = server.url
-            log.info("logging to a real mlflow server at %s", server.url)
         compare = BASELINE.is_dir() and not args.update_baseline
         copy_tree(work, BASELINE if compare else None, set(args.skip))
         # the copy's params as the stages read them: a bad report.regression fails before the run

@@ -27,6 +27,7 @@ workers) and the PostgreSQL it started. Passwords are never logged.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -279,6 +280,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         check_scheme(args.backend_store_uri, "backend store")
     if args.auth_database_uri:
         check_scheme(args.auth_database_uri, "auth database")
+    if args.artifacts_destination.startswith("s3://") and importlib.util.find_spec("boto3") is None:
+        raise TeamServerError(f"--artifacts-destination {args.artifacts_destination}: the server needs boto3 "
+                              "for S3 (pip install boto3)")
     admin = admin_password(args) if args.auth else None
     check_port(args.host, args.port)
     return admin

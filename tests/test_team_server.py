@@ -6,6 +6,7 @@ and the command's errors on bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -229,6 +230,15 @@ def test_bad_input_is_one_clear_error_and_exit_1(tmp_path, monkeypatch, caplog, 
     assert len(errors) == 1 and error.format(**values) in errors[0], errors
     assert "pw-at-fault" not in caplog.text
     assert not list(tmp_path.iterdir())  # no store, no artifacts folder
+
+
+@pytest.mark.skipif(importlib.util.find_spec("boto3") is not None, reason="boto3 is installed")
+def test_an_s3_artifact_store_without_boto3_is_refused(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    assert team_server.main(["--backend-store-uri", "sqlite:///x.db", "--port", str(free_port()),
+                             "--artifacts-destination", "s3://team-bucket/mlflow"]) == 1
+    assert "--artifacts-destination s3://team-bucket/mlflow: the server needs boto3 for S3" in caplog.text
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_short_admin_password_is_refused_before_anything_starts(tmp_path, monkeypatch, caplog):
