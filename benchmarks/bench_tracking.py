@@ -13,17 +13,21 @@ every metric point of every run once, every artifact with its content.
 
     python -m benchmarks.bench_tracking                 # 1, 2, 4, 8 writers on every store
     python -m benchmarks.bench_tracking --writers 4 --store sqlite --json out.json
+    python -m benchmarks.bench_tracking --uri http://127.0.0.1:5000 --writers 4   # a running server, e.g.
+                                                  # the team server while pipelines log to it
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.harness import machine, write_results
@@ -37,7 +41,7 @@ def artifact_text(worker: int, run: int) -> str:
     return f"writer {worker} run {run}\n"
 
 
-def writer(uri: str, worker: int, runs: int, epochs: int, ready, go, queue) -> None:
+def writer(uri: str, experiment_name: str, worker: int, runs: int, epochs: int, ready, go, queue) -> None:
     """One process's share of the load, from when ``go`` is set (imports and
     connection set-up are not timed); puts (runs done, errors) on ``queue``."""
     os.environ.update({"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
@@ -45,7 +49,7 @@ def writer(uri: str, worker: int, runs: int, epochs: int, ready, go, queue) -> N
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("load")
+    experiment = client.get_experiment_by_name(experiment_name)
     errors, done = [], 0
     ready.release()
     go.wait()
@@ -65,13 +69,13 @@ def writer(uri: str, worker: int, runs: int, epochs: int, ready, go, queue) -> N
     queue.put((done, errors))
 
 
-def check(uri: str, writers: int, runs: int, epochs: int) -> list[str]:
+def check(uri: str, experiment_name: str, writers: int, runs: int, epochs: int) -> list[str]:
     """Each of the ``writers`` x ``runs`` runs recorded once, FINISHED, with
     every epoch of every metric once and its artifact: the problems found."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("load")
+    experiment = client.get_experiment_by_name(experiment_name)
     found = client.search_runs([experiment.experiment_id], max_results=50_000)
     names = [run.info.run_name for run in found]
     expected = {f"w{w}-r{r}" for w in range(writers) for r in range(runs)}
@@ -93,15 +97,17 @@ def check(uri: str, writers: int, runs: int, epochs: int) -> list[str]:
     return problems
 
 
-def load(uri: str, writers: int, runs: int, epochs: int, artifacts: str | None = None) -> dict:
+def load(uri: str, writers: int, runs: int, epochs: int, artifacts: str | None = None,
+         experiment_name: str = "load") -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    if client.get_experiment_by_name("load") is None:
-        client.create_experiment("load", artifact_location=artifacts)
+    if client.get_experiment_by_name(experiment_name) is not None:
+        raise SystemExit(f"{uri}: experiment {experiment_name!r} exists already; the read-back needs a new one")
+    client.create_experiment(experiment_name, artifact_location=artifacts)
     context = multiprocessing.get_context("spawn")
     queue, ready, go = context.Queue(), context.Semaphore(0), context.Event()
-    processes = [context.Process(target=writer, args=(uri, w, runs, epochs, ready, go, queue))
+    processes = [context.Process(target=writer, args=(uri, experiment_name, w, runs, epochs, ready, go, queue))
                  for w in range(writers)]
     for p in processes:
         p.start()
@@ -119,7 +125,37 @@ def load(uri: str, writers: int, runs: int, epochs: int, artifacts: str | None =
     return {"writers": writers, "runs": done, "epochs": epochs, "seconds": round(elapsed, 2),
             "runs_per_s": round(done / elapsed, 2), "points_per_s": round(done * epochs * len(METRICS) / elapsed),
             "requests_per_s": round(requests / elapsed), "errors": errors[:10], "error_count": len(errors),
-            "problems": check(uri, writers, runs, epochs)}
+            "problems": check(uri, experiment_name, writers, runs, epochs)}
+
+
+@contextlib.contextmanager
+def open_store(store: str, folder: Path, args: argparse.Namespace) -> Iterator[tuple[str, str | None]]:
+    """The tracking URI of a new ``store`` in ``folder`` (started, and
+    stopped afterwards) and the artifact location for its experiment (None:
+    the store's own)."""
+    from tests.mlflow_server import MlflowServer, TeamServer  # the tests' real servers on 127.0.0.1
+
+    if store == "given":
+        yield args.uri, None
+    elif store == "sqlite":
+        folder.mkdir(parents=True)
+        yield f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
+    elif store == "server":
+        server = MlflowServer(folder).start()
+        try:
+            yield server.url, None
+        finally:
+            server.stop()
+    else:  # postgres; as root PostgreSQL runs as the postgres user, which must reach its folder
+        database = Path(tempfile.mkdtemp(prefix="bench-tracking-pg-"))
+        database.chmod(0o755)
+        server = TeamServer(folder, ["--postgres", str(database), "--workers", str(args.server_workers),
+                                     "--artifacts-destination", str(folder / "artifacts")])
+        try:
+            yield server.start().url, None
+        finally:
+            server.stop()  # and the PostgreSQL it started
+            shutil.rmtree(database, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -128,6 +164,10 @@ def main(argv=None) -> int:
     parser.add_argument("--store", choices=["sqlite", "server", "postgres", "all"], default="all")
     parser.add_argument("--server-workers", type=int, default=4, help="worker processes of the postgres store's "
                         "team server (default 4)")
+    parser.add_argument("--uri", help="load this running tracking server instead (e.g. the team server, "
+                        "while pipelines log to it); --store is then ignored")
+    parser.add_argument("--experiment", default="load", help="the MLflow experiment the writers create (default "
+                        "load; it must not exist)")
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--runs", type=int, default=10, help="runs per writer")
     parser.add_argument("--epochs", type=int, default=50, help="epochs (log_batch calls) per run")
@@ -136,37 +176,17 @@ def main(argv=None) -> int:
                         "benchmarks/results/bench_tracking.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the read-back downloads
-    from tests.mlflow_server import MlflowServer, TeamServer  # the tests' real servers on 127.0.0.1
 
     results = {"machine": machine("mlflow", keras=False), "runs_per_writer": args.runs, "epochs": args.epochs,
                "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        for store in (["sqlite", "server", "postgres"] if args.store == "all" else [args.store]):
+        stores = ["given"] if args.uri else ["sqlite", "server", "postgres"] if args.store == "all" else [args.store]
+        for store in stores:
             for writers in args.writers:
-                folder = workdir / f"{store}-{writers}"
-                server, artifacts = None, None
-                if store == "server":
-                    server = MlflowServer(folder).start()
-                    uri = server.url
-                elif store == "postgres":
-                    # as root PostgreSQL runs as the postgres user, which must reach its folder
-                    database = Path(tempfile.mkdtemp(prefix="bench-tracking-pg-"))
-                    database.chmod(0o755)
-                    server = TeamServer(folder / "server", [
-                        "--postgres", str(database), "--workers", str(args.server_workers),
-                        "--artifacts-destination", str(folder / "artifacts")]).start()
-                    uri = server.url
-                else:
-                    folder.mkdir(parents=True)
-                    uri, artifacts = f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
-                try:
-                    row = {"store": store, **load(uri, writers, args.runs, args.epochs, artifacts)}
-                finally:
-                    if server:
-                        server.stop()  # the team server stops its PostgreSQL too
-                    if store == "postgres":
-                        shutil.rmtree(database, ignore_errors=True)
+                name = args.experiment if len(args.writers) == 1 else f"{args.experiment}-{writers}"
+                with open_store(store, workdir / f"{store}-{writers}", args) as (uri, artifacts):
+                    row = {"store": store, **load(uri, writers, args.runs, args.epochs, artifacts, name)}
                 if store == "postgres":
                     row["server_workers"] = args.server_workers
                 results["rows"].append(row)
