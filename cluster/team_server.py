@@ -62,7 +62,14 @@ class _Stop(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cluster.team_server", description=__doc__.splitlines()[0])
+    """The command's options; what follows ``--`` goes to ``mlflow server`` as it is (``server_args``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.team_server", usage="%(prog)s [options] [-- MLFLOW-SERVER-OPTIONS]",
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog="Options after -- go to mlflow server as they are, e.g. -- --allowed-hosts mlflow.example.org:5000 "
+               "(needed with --host 0.0.0.0 when clients use a host name).")
     store = parser.add_mutually_exclusive_group()
     store.add_argument("--postgres", type=Path, metavar="DIR",
                        help="start a PostgreSQL of its own with its data in DIR (created on first use)")
@@ -73,21 +80,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where artifacts go: a local folder (default mlartifacts) or s3://bucket/path "
                              "(AWS_* variables, MLFLOW_S3_ENDPOINT_URL for an S3-compatible store)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one)")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
     parser.add_argument("--workers", type=int, default=4, help="server worker processes (default 4)")
     parser.add_argument("--auth", action="store_true", help="require basic auth (MLflow's basic-auth app)")
     parser.add_argument("--auth-database-uri", metavar="URI",
                         help="the users' database with --auth (default: mlflow_auth beside --postgres's "
                              "mlflow, basic_auth.db beside a SQLite store)")
-    parser.add_argument("--admin-user", default=os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"))
+    parser.add_argument("--admin-user", default=os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME", "admin"),
+                        help="the admin created on the first start with --auth (default admin)")
     parser.add_argument("--admin-password-file", type=Path, metavar="FILE",
                         help="the admin's first password (default MLFLOW_AUTH_ADMIN_PASSWORD)")
     parser.add_argument("--auth-cache-s", type=int, default=60, metavar="SECONDS",
                         help="with --auth, how long a worker trusts a checked user:password (default 60; each "
-                             "check costs a PBKDF2 hash, about 0.2 s of CPU; 0: check every request). A "
+                             "check costs a scrypt hash, about 0.1 s of CPU; 0: check every request). A "
                              "password changed or a user deleted reaches the other workers after this long")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the server to answer")
-    return parser.parse_args(argv)
+    args = parser.parse_args(ours)
+    args.server_args = extra
+    return args
 
 
 # --- checks before anything starts
@@ -217,7 +227,7 @@ def start_server(args: argparse.Namespace, backend_uri: str, artifacts: str,
            "MLFLOW_ARTIFACTS_DESTINATION": artifacts}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [str(MLFLOW), "server", "--host", args.host, "--port", str(args.port),
-               "--workers", str(args.workers)]
+               "--workers", str(args.workers), *args.server_args]
     if auth_env:
         env.update(auth_env)
         command += ["--app-name", "basic-auth"]

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -117,14 +118,18 @@ def test_basic_auth_refuses_anonymous_requests_and_keeps_passwords_secret(tmp_pa
     """--auth: the admin (MLFLOW_AUTH_ADMIN_PASSWORD) creates a user in the
     mlflow_auth database; a request without credentials, or with a wrong
     password, gets 401; a training with user:password@ in its tracking URI
-    logs its run; neither password is in any log, param, tag or file."""
+    logs its run; neither password is in any log, param, tag or file. Options
+    after -- reach mlflow server."""
     admin_password, password = "adm1n-Pa55-word", "al1ce-Pa55-word"
     server = TeamServer(tmp_path / "server", ["--postgres", str(reachable / "pg"), "--auth", "--workers", "2",
-                                              "--artifacts-destination", str(reachable / "artifacts")],
+                                              "--artifacts-destination", str(reachable / "artifacts"),
+                                              "--", "--x-frame-options", "DENY"],
                         env={"MLFLOW_AUTH_ADMIN_PASSWORD": admin_password})
     server.start()
     root = _toy_lab(tmp_path / "lab", {"cls": {**CLS, "training": {**CLS["training"], "epochs": 2}}})
     try:
+        with urllib.request.urlopen(f"{server.url}/health", timeout=10) as health:
+            assert health.headers["X-Frame-Options"] == "DENY"  # mlflow server's default is SAMEORIGIN
         for credentials in (None, ("alice", "wrong")):
             server.auth = credentials
             with pytest.raises(urllib.error.HTTPError) as refused:
