@@ -19,6 +19,12 @@ live in a second database (``mlflow_auth`` with ``--postgres``,
 start with ``MLFLOW_AUTH_ADMIN_PASSWORD`` (or ``--admin-password-file``).
 Clients put ``user:password@`` in ``MLFLOW_TRACKING_URI``.
 
+A PostgreSQL that restarts needs no restart of the server: MLflow's engine
+checks a pooled connection before it uses it (SQLAlchemy's pre-ping), so the
+first request after the restart gets a fresh one; requests while it is down
+fail with 503, and the stages keep those epochs and send them later
+(tests/test_team_server.py shows both).
+
 The command waits until the server answers, logs the URL to set as
 ``MLFLOW_TRACKING_URI``, and on SIGTERM or SIGINT stops the server (all its
 workers) and the PostgreSQL it started. Passwords are never logged.
