@@ -237,7 +237,16 @@ def start_server(args: argparse.Namespace, backend_uri: str, artifacts: str,
     if auth_env:
         env.update(auth_env)
         command += ["--app-name", "basic-auth"]
-    return subprocess.Popen(command, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(command, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=_end_with_parent if sys.platform == "linux" else None)
+
+
+def _end_with_parent() -> None:
+    """In the server's process, before it starts: SIGTERM when this command dies, even by kill -9
+    (Linux's PR_SET_PDEATHSIG), so that no server is left holding the port."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def wait_for_health(process: subprocess.Popen, url: str, timeout: float) -> None:

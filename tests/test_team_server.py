@@ -199,6 +199,33 @@ def test_postgresql_restarted_while_a_training_logs_loses_nothing(tmp_path, reac
         pg.remove()
 
 
+def test_kill_9_of_the_command_leaves_nothing_in_the_way_of_the_next_start(tmp_path, reachable):
+    """The server dies with the command (no worker keeps the port); its
+    PostgreSQL, left running, is stopped and started again by the next start
+    on the same folder, which finds the data under the saved password."""
+    args = ["--postgres", str(reachable / "pg"), "--workers", "2", "--artifacts-destination",
+            str(reachable / "artifacts")]
+    first = TeamServer(tmp_path / "first", args).start()
+    first.post("experiments/create", {"name": "kept"})
+    first.process.kill()
+    first.process.wait()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            team_server.check_port("127.0.0.1", first.port)
+            break
+        except team_server.TeamServerError:
+            assert time.monotonic() < deadline, "the server outlived its command"
+            time.sleep(0.2)
+    assert _cluster(reachable / "pg").running()
+    second = TeamServer(tmp_path / "second", args, port=first.port).start()
+    try:
+        assert "kept" in second.experiments()
+        assert "a PostgreSQL left running in" in (second.root / "server.log").read_text()
+    finally:
+        _stopped_cleanly(second, reachable / "pg")
+
+
 @pytest.mark.parametrize("argv, error", [
     (["--backend-store-uri", "postgresql://mlflow:pw-at-fault@127.0.0.1:{free}/mlflow"],
      "database postgresql://***@127.0.0.1:{free}/mlflow unreachable: connection failed: "),
