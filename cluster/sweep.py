@@ -18,7 +18,12 @@ one task, with ``--cpus`` / ``--gpus`` reserved for it, which on its node:
    targets' stages run (by default ``evaluate@<experiment>`` for the
    experiments the keys name), and training logs to ``MLFLOW_TRACKING_URI``;
 4. pushes its result: ``dvc exp push`` (the experiment and its outputs) and
-   ``dvc push`` (its outputs and run-cache).
+   ``dvc push`` (the outputs of its stages and of those they depend on).
+
+As with ``dvc exp run``, a stage that ran before with the same code, params
+and data is restored from the run-cache (the DVC remote's, when someone ran
+``dvc push --run-cache``) instead of run again; its ``run.json`` then names
+that earlier MLflow run. The sweep itself pushes no run-cache.
 
 The submitter then ``dvc exp pull``s every finished experiment and logs
 ``dvc exp show``. A task whose node or worker dies is run again on another
@@ -39,42 +44,23 @@ import argparse
 import json
 import logging
 import os
-import re
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from cluster.sweep_task import dvc_command, run_experiment
 
 log = logging.getLogger("cluster.sweep")
 
 PASSED_ON = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
              "DATA_MIRROR", "KERAS_BACKEND", "LOG_LEVEL")
 SHARED_CHECKPOINTS = "IMAGEPIPE_CHECKPOINTS"  # stages.checkpoint.SHARED (not imported: no TensorFlow here)
-# Kills the process group named on its command line once its stdin closes: when the step ends, or when the
-# Ray worker that started it dies, so no training outlives its task and competes with the task's retry.
-GUARD = ("import os, signal, sys\nsys.stdin.read()\ntry:\n    os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
-         "except OSError:\n    pass\n")
-STAGE_ERROR = re.compile(r"^\d\d:\d\d:\d\d ERROR [\w.]+: (.+)$")  # stages.cli's format
-EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt): .+")
 
 
 class SweepError(RuntimeError):
     """Bad input, or a project not ready to sweep; the message names the value at fault."""
-
-
-class ExperimentFailed(RuntimeError):
-    """An experiment's command failed: its one-line error, the node and the output's last lines."""
-
-    def __init__(self, line: str, node: str = "", tail: str = ""):
-        super().__init__(line, node, tail)
-        self.line, self.node, self.tail = line, node, tail
-
-    def __str__(self) -> str:
-        return self.line
 
 
 # --- the grid --------------------------------------------------------------------------------------------
@@ -147,10 +133,6 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
     return result.stdout.strip()
 
 
-def dvc_command() -> str:
-    return shutil.which("dvc", path=os.path.dirname(sys.executable)) or shutil.which("dvc") or "dvc"
-
-
 def git_source(root: Path, remote: str) -> tuple[str, str]:
     """The URL workers clone (``remote``'s) and the commit they check out (HEAD, which must be on it)."""
     commit = _run(["git", "rev-parse", "HEAD"], root, "the commit to run")
@@ -181,63 +163,6 @@ def dvc_remote(root: Path, name: str | None) -> tuple[str, str]:
         raise SweepError(f"--dvc-remote {chosen}: no such DVC remote (the project has: "
                          f"{', '.join(listed) or 'none'}); add one every node reaches: dvc remote add -d NAME URL")
     return chosen, listed[chosen][0]
-
-
-# --- one experiment, on a worker node ---------------------------------------------------------------------
-
-def one_line_error(output: str) -> str:
-    """The line that says why: a stage's ERROR line, an exception, DVC's ERROR, else the last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for line in lines:
-        if match := STAGE_ERROR.match(line):
-            return match.group(1)
-    for pattern in (EXCEPTION, re.compile(r"^ERROR: (.+)")):
-        found = [line for line in lines if pattern.match(line)]
-        if found:
-            return found[-1].removeprefix("ERROR: ")
-    return lines[-1] if lines else "no output"
-
-
-def _step(label: str, cmd: list[str], cwd: Path, env: dict, log_path: Path, node: str) -> None:
-    """Run one command in its own process group, guarded (see GUARD); ExperimentFailed when it fails."""
-    with open(log_path, "w") as out:
-        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-        guard = subprocess.Popen([sys.executable, "-c", GUARD, str(process.pid)], stdin=subprocess.PIPE,
-                                 start_new_session=True)
-        try:
-            code = process.wait()
-        finally:
-            guard.stdin.close()
-            guard.wait()
-    if code != 0:
-        output = log_path.read_text(errors="replace")
-        raise ExperimentFailed(f"{label}: {one_line_error(output)}", node, "\n".join(output.splitlines()[-40:]))
-
-
-def run_experiment(spec: dict) -> dict:
-    """The Ray task: clone, ``dvc exp run``, push (see the module's docstring); where it ran and how long."""
-    import ray
-
-    started, node = time.monotonic(), ray.get_runtime_context().get_node_id()
-    dvc, name, targets = dvc_command(), spec["name"], spec["targets"]
-    bin_dir = os.path.dirname(sys.executable)  # the stages' `python` is this environment's
-    env = {**os.environ, **spec["env"], "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    base = Path(tempfile.mkdtemp(prefix=f"sweep-{name}-", dir=spec["workdir"]))
-    clone = base / "repo"
-    overrides = [arg for override in spec["overrides"] for arg in ("-S", override)]
-    steps = [("git clone", ["git", "clone", "--quiet", "--no-checkout", spec["repo"], str(clone)], base),
-             ("git checkout", ["git", "checkout", "--quiet", "--detach", spec["commit"]], clone),
-             ("dvc remote", [dvc, "remote", "modify", "--local", spec["dvc_remote"], "url", spec["dvc_url"]], clone),
-             ("dvc exp run", [dvc, "exp", "run", "--pull", "-n", name, *overrides, *targets], clone),
-             ("dvc exp push", [dvc, "exp", "push", "origin", name], clone),
-             ("dvc push", [dvc, "push", "--run-cache", *(["--with-deps", *targets] if targets else [])], clone)]
-    try:
-        for label, cmd, cwd in steps:
-            _step(label, cmd, cwd, env, base / "output.log", node)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    return {"node": node, "host": ray.util.get_node_ip_address(), "seconds": round(time.monotonic() - started, 1)}
 
 
 # --- the sweep ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import builders
-from cluster import sweep
+from cluster import sweep, sweep_task
 from dvc_helpers import dvc_env, git_commit, make_project, pets_params, run_dvc
 from mlflow_server import MlflowServer, metrics, params, tags
 from ray_cluster import RayCluster
@@ -211,8 +211,34 @@ def test_the_one_line_error_is_the_stage_s_own():
               "12:00:01 ERROR stages: train failed: experiments.x.training.batch_size: must be > 0\n"
               "12:00:01 ERROR stages: train: what to do: fix params.yaml\n"
               "ERROR: failed to reproduce 'train@x': failed to run: python -m stages.train x, exited with 1\n")
-    assert sweep.one_line_error(output) == "train failed: experiments.x.training.batch_size: must be > 0"
-    assert sweep.one_line_error("Traceback (most recent call last):\n  File x\nValueError: odd\nERROR: failed to "
+    assert sweep_task.one_line_error(output) == "train failed: experiments.x.training.batch_size: must be > 0"
+    assert sweep_task.one_line_error("Traceback (most recent call last):\n  File x\nValueError: odd\nERROR: failed to "
                                 "reproduce 'train@x'\n") == "ValueError: odd"
-    assert sweep.one_line_error("ERROR: unexpected error - no remote\n") == "unexpected error - no remote"
-    assert sweep.one_line_error("fatal: reference is not a tree: abc\n") == "fatal: reference is not a tree: abc"
+    assert sweep_task.one_line_error("ERROR: unexpected error - no remote\n") == "unexpected error - no remote"
+    assert sweep_task.one_line_error("fatal: reference is not a tree: abc\n") == "fatal: reference is not a tree: abc"
+
+
+def test_a_step_does_not_outlive_the_worker_that_runs_it(tmp_path):
+    """A Ray worker killed on its own (its node lives on) takes its step's
+    processes along, so the retry never trains beside an orphaned training."""
+    import os
+    import signal
+
+    import psutil
+
+    pid_file = tmp_path / "sleeper.pid"
+    step = (f"import os; from pathlib import Path; from cluster.sweep_task import _step; "
+            f"_step('sleep', ['sh', '-c', 'sleep 300 & echo $! > {pid_file}; wait'], Path('.'), dict(os.environ), "
+            f"Path({str(tmp_path / 'out.log')!r}), 'node')")
+    worker = subprocess.Popen([sys.executable, "-c", step])
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.05)
+    sleeper = psutil.Process(int(pid_file.read_text()))
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while sleeper.is_running() and sleeper.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the step's process outlived its worker"
+        time.sleep(0.05)
