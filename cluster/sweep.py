@@ -185,7 +185,11 @@ def run_sweep(specs: list[dict], address: str | None, resources: dict) -> list[d
     """Submit one task a point and collect them as they end, logging each."""
     import ray
 
-    ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SweepError(f"--address {address or '(none)'}: no Ray cluster to run on: "
+                         f"{str(exc).strip().splitlines()[0]}") from None
     try:
         task = ray.remote(run_experiment).options(**resources, retry_exceptions=False, scheduling_strategy="SPREAD")
         pending = {task.remote(spec): spec for spec in specs}
