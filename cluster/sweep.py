@@ -16,7 +16,8 @@ one task, with ``--cpus`` / ``--gpus`` reserved for it, which on its node:
 3. runs ``dvc exp run --pull -n <name>-<i> -S <point> <targets>``: inputs come
    from the DVC remote (or are made when they are not there), only the
    targets' stages run (by default ``evaluate@<experiment>`` for the
-   experiments the keys name), and training logs to ``MLFLOW_TRACKING_URI``;
+   experiments the keys name), and training logs to ``MLFLOW_TRACKING_URI`` (unset: the
+   submitter's ``mlflow.db``, by its path);
 4. pushes its result: ``dvc exp push`` (the experiment and its outputs) and
    ``dvc push`` (the outputs of its stages and of those they depend on).
 
@@ -259,7 +260,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def experiment_env(args) -> dict[str, str]:
+def experiment_env(args, root: Path) -> dict[str, str]:
     env = {key: os.environ[key] for key in PASSED_ON if os.environ.get(key)}
     if args.checkpoints:
         env[SHARED_CHECKPOINTS] = str(Path(args.checkpoints).expanduser().resolve())
@@ -268,9 +269,10 @@ def experiment_env(args) -> dict[str, str]:
         if not sep or not key:
             raise SweepError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
-    if "MLFLOW_TRACKING_URI" not in env:
-        log.warning("MLFLOW_TRACKING_URI is not set: each experiment logs to the mlflow.db of its own clone, "
-                    "which is deleted; set it to the team server")
+    if "MLFLOW_TRACKING_URI" not in env:  # the project's own store, as the stages default to: here, by path
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        log.info("MLFLOW_TRACKING_URI is not set: the experiments log to %s, which only nodes that see this "
+                 "machine's files reach; set it to the team server", env["MLFLOW_TRACKING_URI"])
     return env
 
 
@@ -281,7 +283,7 @@ def prepare_tracking(root: Path, env: dict[str, str]) -> None:
     from stages.errors import PipelineError
     from stages.mlflow_store import EXPERIMENTS, connect
 
-    if "MLFLOW_TRACKING_URI" not in env or not (root / "params.yaml").is_file():
+    if not (root / "params.yaml").is_file():
         return
     experiments = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("experiments") or {}
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
@@ -302,7 +304,7 @@ def plan(args, root: Path) -> list[dict]:
     repo, commit = git_source(root, args.git_remote)
     remote, url = dvc_remote(root, args.dvc_remote)
     targets = args.targets or default_targets(points)
-    env = experiment_env(args)
+    env = experiment_env(args, root)
     prepare_tracking(root, env)
     log.info("sweep of %d experiments of commit %s from %s, stages %s, DVC remote %s (%s), env %s", len(points),
              commit[:7], repo, " ".join(targets) or "all", remote, url, ", ".join(sorted(env)))

@@ -6,8 +6,10 @@ mlflow server as the team's tracking server. Tiny data, few epochs."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -180,6 +182,30 @@ def test_a_node_killed_mid_training_is_retried_on_the_other_and_resumes_in_the_s
     assert run["info"]["run_id"] == state["run_id"] and run["info"]["status"] == "FINISHED"
     assert team["server"].metric_steps(state["run_id"], "loss") == list(range(1, EPOCHS_TO_KILL + 1))
     assert team["server"].metric_steps(state["run_id"], "val_loss") == list(range(1, EPOCHS_TO_KILL + 1))
+
+
+def test_without_an_address_the_sweep_runs_on_this_machine_and_logs_to_the_project_store(team, tmp_path):
+    """No --address and no cluster to find: Ray starts one here (the same path as a bare ray.init()); with
+    MLFLOW_TRACKING_URI unset the experiment logs to the submitter's mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    env = {key: value for key, value in team["cluster"].env.items() if key != "MLFLOW_TRACKING_URI"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    env.update(RAY_ADDRESS="local", RAY_TMPDIR=str(ray_tmp))  # never the test cluster, nor one found in /tmp/ray
+    try:
+        result = subprocess.run([sys.executable, "-m", "cluster.sweep", "-n", "here", "-S",
+                                 "experiments.sweep_cnn.training.batch_size=3"], cwd=team["submitter"], env=env,
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"the experiments log to sqlite:///{team['submitter'] / 'mlflow.db'}" in result.stderr
+    assert "'node1'" not in result.stderr  # not the test cluster's resources
+    assert "here-1" in _exp_show(team)
+    client = MlflowClient(f"sqlite:///{team['submitter'] / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("classifiers").experiment_id],
+                               filter_string="tags.dvc_exp_name = 'here-1'")
+    assert run.info.status == "FINISHED" and run.data.params["training.batch_size"] == "3"
 
 
 def test_a_key_the_params_do_not_have_is_refused_before_anything_runs(team, tmp_path):
