@@ -80,7 +80,8 @@ def check(uri: str, experiment_name: str, writers: int, runs: int, epochs: int) 
     names = [run.info.run_name for run in found]
     expected = {f"w{w}-r{r}" for w in range(writers) for r in range(runs)}
     problems = [f"{len(found)} runs recorded, {len(expected)} expected"] if len(found) != len(expected) else []
-    problems += [f"run {name} recorded {names.count(name)} times" for name in sorted(set(names)) if names.count(name) > 1]
+    problems += [f"run {name} recorded {names.count(name)} times"
+                 for name in sorted(set(names)) if names.count(name) > 1]
     problems += [f"run {name} missing" for name in sorted(expected - set(names))]
     for run in found:
         name = run.info.run_name

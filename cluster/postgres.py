@@ -141,7 +141,8 @@ class Postgres:
         return done.returncode == 0
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server (``fast``: end the sessions; ``immediate``: as a crash would, recovered at the next start)."""
+        """Stop the server (``fast``: end the sessions; ``immediate``: as a
+        crash would, recovered at the next start)."""
         if self.initialized() and self.running():
             self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 

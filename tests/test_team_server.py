@@ -12,6 +12,8 @@ import logging
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +32,7 @@ from test_pipeline import PETS_CNN
 from test_train import CLS, _toy_lab, _train_process, _wait_for_state
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -59,7 +62,8 @@ def _stopped_cleanly(server: TeamServer, pg_folder: Path | None = None) -> None:
 
 def test_pipeline_and_two_queued_experiments_on_postgresql(tmp_path, reachable):
     """make team-server's setup (--postgres DIR, artifacts in a folder, 2
-    workers): dvc repro, then two experiments through dvc queue start -j 2.
+    workers): dvc repro, then two experiments through dvc queue start -j 2
+    while four more writers log 12 runs beside them.
     Every run FINISHED with each epoch's metrics once, its logged model and
     artifacts read back over REST; the runs are rows of PostgreSQL and the
     artifacts files of the artifact folder; SIGTERM stops the server and
@@ -81,12 +85,26 @@ def test_pipeline_and_two_queued_experiments_on_postgresql(tmp_path, reachable):
         first = run_dvc(project, "repro", env=env)
         assert ran(first.stdout) == {"download@pets", "prepare@pets", "train@pets_cnn", "evaluate@pets_cnn", "report"}
         git_commit(project, "baseline")
-        for seed in (1, 2):
+        for seed in (1, 2):  # 6 epochs: long enough for the writers below to log beside them
             run_dvc(project, "exp", "run", "--queue", "-n", f"seed{seed}",
+                    "-S", "experiments.pets_cnn.training.epochs=6",
                     "-S", f"+experiments.pets_cnn.training.seed={seed}", env=env)
+        # two queued experiments training side by side and, once one of them
+        # logs, four writers logging as fast as they can (benchmarks/bench_tracking.py)
+        load_json = tmp_path / "load.json"
         run_dvc(project, "queue", "start", "-j", "2", env=env)
+        deadline = time.monotonic() + 300
+        while not any(r["info"]["status"] == "RUNNING" for r in server.runs("classifiers")):
+            assert time.monotonic() < deadline, "no queued experiment started within 300 s"
+            time.sleep(0.5)
+        load = subprocess.run([sys.executable, "-m", "benchmarks.bench_tracking", "--uri", server.url,
+                               "--writers", "4", "--runs", "3", "--epochs", "20", "--json", str(load_json)],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
         status = wait_for_queue(project, env)
         assert status.count("Success") == 2, status
+        assert load.returncode == 0, load.stderr[-3000:]
+        row = json.loads(load_json.read_text())["rows"][0]  # its read-back: each run once, every point once
+        assert row["runs"] == 12 and row["error_count"] == 0 and row["problems"] == [], row
 
         runs = server.runs("classifiers")
         by_exp = {tags(r).get("dvc_exp_name"): r for r in runs}
@@ -97,17 +115,21 @@ def test_pipeline_and_two_queued_experiments_on_postgresql(tmp_path, reachable):
             assert params(run)["training.seed"] == (name[-1] if name else "0")
             assert 0.0 <= metrics(run)["test_accuracy"] <= 1.0
             for key in ("loss", "val_loss", "accuracy"):
-                assert server.metric_steps(run_id, key) == [1, 2], (name, key)
+                assert server.metric_steps(run_id, key) == list(range(1, 7 if name else 3)), (name, key)
             model = server.model_of(run)
             assert model["info"]["status"] == "LOGGED_MODEL_READY" and model["info"]["name"] == "pets_cnn"
             assert {m["key"] for m in model["data"]["metrics"]} >= {"test_accuracy", "test_loss"}
             assert "evaluation/confusion_matrix.png" in server.artifacts(run_id, "evaluation")
             assert server.artifact(run_id, "evaluation/confusion_matrix.png").startswith(b"\x89PNG")
+        writes = [(int(r["info"]["start_time"]), int(r["info"]["end_time"])) for r in server.runs("load")]
+        first, last = min(w[0] for w in writes), max(w[1] for w in writes)
+        assert any(int(by_exp[n]["info"]["start_time"]) < last and int(by_exp[n]["info"]["end_time"]) > first
+                   for n in ("seed1", "seed2")), "the writers did not log while a queued experiment ran"
         pipeline = server.runs("pipeline")
         assert len(pipeline) == 3 and all(r["info"]["status"] == "FINISHED" for r in pipeline)
 
         pg = _cluster(reachable / "pg")
-        assert pg.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED'", database="mlflow").strip() == "6"
+        assert pg.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED'", database="mlflow").strip() == "18"
         assert len(list(artifacts.rglob("confusion_matrix.png"))) == 3
     finally:
         run_dvc(project, "queue", "stop", "--kill", env=env, check=False)
