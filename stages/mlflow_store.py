@@ -133,12 +133,28 @@ def connect(experiment: str) -> str:
     try:
         with one_at_a_time(uri):
             found = mlflow.set_experiment(experiment)
+            # a process that lost the race to create it got the experiment back but not
+            # made active (MLflow 3.17 returns early on RESOURCE_ALREADY_EXISTS): by id it is
+            mlflow.set_experiment(experiment_id=found.experiment_id)
             if EXPERIMENT_KIND not in found.tags:  # a kind a user chose in the UI stays
-                mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+                tag_kind(found.experiment_id)
             return found.experiment_id
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
         raise TrackingError(f"MLflow store {tracking_label()} unusable: {describe_failure(exc)}; "
                             "check that it is running and MLFLOW_TRACKING_URI") from None
+
+
+def tag_kind(experiment_id: str) -> None:
+    """Tag a new experiment as model training; another process that tagged it
+    at the same moment (a database's unique-key error here) did the same."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    except Exception:  # noqa: BLE001 - the store's error for a duplicate key varies
+        if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 @contextmanager

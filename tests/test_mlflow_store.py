@@ -116,3 +116,38 @@ def test_mlflow_telemetry_is_off_in_the_stages_unless_asked_for(tmp_path):
 
     assert telemetry_off()
     assert not telemetry_off(MLFLOW_DISABLE_TELEMETRY="false")  # the user's choice wins
+
+
+def test_stages_starting_together_on_a_new_tracking_server_all_log_to_the_experiment(tmp_path):
+    """Six processes connecting at the same moment to a server that has no
+    experiments yet (a sweep's first trainings, ``dvc queue start -j N``):
+    those that lose the race to create the experiment (MLflow answers
+    RESOURCE_ALREADY_EXISTS, and its set_experiment then returns without
+    making it the active one) or to tag it still start their runs in it."""
+    import subprocess
+    import sys
+    import time
+
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        start = time.time() + 8  # after every process has imported MLflow
+        script = ("import sys, time, mlflow; from stages import mlflow_store; "
+                  f"time.sleep(max(0, {start} - time.time())); "
+                  "eid = mlflow_store.connect('autoencoders'); "
+                  "run = mlflow.start_run(); mlflow.end_run(); "
+                  "print(eid, run.info.experiment_id)")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url,
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
+        failed = [err[-800:] for _, err, code in results if code != 0]
+        assert not failed, failed
+        experiment = server.experiment_id("autoencoders")
+        ids = {out.strip().splitlines()[-1] for out, _, _ in results}  # after MLflow's "View run" lines
+        assert ids == {f"{experiment} {experiment}"}, ids
+        assert len(server.runs("autoencoders")) == 6
+    finally:
+        server.stop()
