@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.launch import (DEFAULT_PORT, Job, LaunchError, from_placement, from_skypilot, main, port_from,
-                            process_env)
+from cluster.jobs import DEFAULT_PORT, Job, LaunchError, from_placement, from_skypilot, port_from, process_env
+from cluster.launch import main
 from test_distribution import REPO, TOLERANCE, _env, _lab, _runs, _train
 from test_train import CLS
 
