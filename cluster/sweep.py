@@ -153,17 +153,24 @@ def git_source(root: Path, remote: str) -> tuple[str, str]:
 
 
 def dvc_remote(root: Path, name: str | None) -> tuple[str, str]:
-    """The DVC remote (``name``, by default the project's default) and its URL, as absolute as DVC reads it."""
-    listed = {}
-    for line in _run([dvc_command(), "remote", "list"], root, "the DVC remote").splitlines():
-        fields = line.split()
-        if len(fields) >= 2:
-            listed[fields[0]] = (fields[1], "(default)" in fields[2:])
-    chosen = name or next((n for n, (_, default) in listed.items() if default), None)
+    """The DVC remote (``name``, by default the project's default) and its URL, as absolute as DVC reads it.
+
+    From ``dvc config --list`` (every level merged, plain ``key=value`` lines):
+    ``dvc remote list`` writes through Rich, which wraps a long line at the
+    terminal's width (80 columns in a pipe) and pushes ``(default)`` onto a
+    line of its own."""
+    listed, default = {}, None
+    for line in _run([dvc_command(), "config", "--list"], root, "the DVC remote").splitlines():
+        key, _, value = line.partition("=")
+        if key == "core.remote":
+            default = value
+        elif key.startswith("remote.") and key.endswith(".url"):
+            listed[key[len("remote."):-len(".url")]] = value
+    chosen = name or default
     if chosen not in listed:
         raise SweepError(f"--dvc-remote {chosen}: no such DVC remote (the project has: "
                          f"{', '.join(listed) or 'none'}); add one every node reaches: dvc remote add -d NAME URL")
-    return chosen, listed[chosen][0]
+    return chosen, listed[chosen]
 
 
 # --- the sweep ---------------------------------------------------------------------------------------------

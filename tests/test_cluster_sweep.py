@@ -268,3 +268,20 @@ def test_a_step_does_not_outlive_the_worker_that_runs_it(tmp_path):
     while sleeper.is_running() and sleeper.status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the step's process outlived its worker"
         time.sleep(0.05)
+
+
+def test_the_default_dvc_remote_is_found_whatever_the_length_of_its_path(tmp_path):
+    """A remote path longer than a line of 80 columns (pytest's and xdist's
+    temporary folders make them so): ``dvc remote list`` would wrap its
+    ``(default)`` onto a line of its own when its output is a pipe."""
+    project = tmp_path / "p"
+    project.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    run_dvc(project, "init", "-q")
+    far = tmp_path / ("a-long-folder-name-" * 5) / "dvc-remote"
+    run_dvc(project, "remote", "add", "store", str(tmp_path / "other"))
+    run_dvc(project, "remote", "add", "-d", "far", str(far))
+    assert sweep.dvc_remote(project, None) == ("far", str(far))
+    assert sweep.dvc_remote(project, "store") == ("store", str(tmp_path / "other"))
+    with pytest.raises(sweep.SweepError, match="--dvc-remote nope: no such DVC remote .the project has: "):
+        sweep.dvc_remote(project, "nope")

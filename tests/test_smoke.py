@@ -164,7 +164,7 @@ CI_RUN = Path(__file__).resolve().parents[1] / ".ci" / "run"
 def _ci_copy(tmp_path, test_cmd, smoke_cmd):
     (tmp_path / ".ci").mkdir(parents=True)
     (tmp_path / ".ci" / "run").write_text(CI_RUN.read_text())
-    (tmp_path / "Makefile").write_text(f"setup:\nbrowser:\ntest:\n\t{test_cmd}\nsmoke:\n\t{smoke_cmd}\n")
+    (tmp_path / "Makefile").write_text(f"setup:\nbrowser:\npostgres:\ntest:\n\t{test_cmd}\nsmoke:\n\t{smoke_cmd}\n")
     return tmp_path
 
 
