@@ -403,7 +403,7 @@ def main() -> int:
             env["MLFLOW_TRACKING_URI"] = server.url
         compare = BASELINE.is_dir() and not args.update_baseline
         copy_tree(work, BASELINE if compare else None, set(args.skip))
-        # the copy's params as the stages read them: a bad report.regression fails before the run
+        # the copy's params as the stages read them: a bad promotion section fails before the run
         regression = regression_limits(work / "params.yaml")
         sh("dvc", "exp", "run", "-n", "ci-smoke", *[a for o in overrides for a in ("-S", o)], cwd=work, env=env)
         shown = sh("dvc", "exp", "show", "--json", cwd=work, env=env).stdout

@@ -172,6 +172,23 @@ class MetricLog:
         self.run_id, self.logged, self.pause_s = run_id, logged, pause_s
         self._retry_at = 0.0
 
+    @classmethod
+    def continuing(cls, run_id: str, logged: int) -> "MetricLog":
+        """The log of a run that a training continues: the epochs the store
+        already has of ``loss`` count as logged too. A process killed after
+        sending an epoch but before saving that it had (a node going down)
+        would otherwise send that epoch twice. A store that does not answer
+        now leaves ``logged`` as the checkpoint says."""
+        from mlflow.tracking import MlflowClient
+
+        metric_log = cls(run_id, logged)
+        try:
+            steps = [m.step for m in MlflowClient().get_metric_history(run_id, "loss")]
+        except Exception:  # noqa: BLE001 - the first flush meets the store's failure and says so
+            return metric_log
+        metric_log.logged = max([logged, *steps])
+        return metric_log
+
     def flush(self, history: dict[str, list[float]], upto: int, required: bool = False) -> bool:
         """Send epochs ``logged+1..upto``; True if all of them are now logged."""
         from mlflow.entities import Metric

@@ -170,7 +170,7 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
             state.described = True
             checkpoint.write(state)
         history, guard = {key: list(values) for key, values in state.history.items()}, NanGuard()
-        metric_log = MetricLog(run.info.run_id, logged=state.logged)
+        metric_log = MetricLog.continuing(run.info.run_id, state.logged)
         after = {"checkpoint": Checkpointing(guard, checkpoint, state, history, epochs,
                                              exp.training.checkpoint_interval_s, placement),
                  "tracking": MlflowMetrics(guard, metric_log, checkpoint, state, history)}

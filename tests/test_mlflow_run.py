@@ -39,3 +39,27 @@ def test_run_ref_keeps_how_the_model_was_trained(tmp_path):
     assert mlflow_run.load_run_ref(tmp_path / "run.json")["trained"] == trained
     mlflow_run.save_run_ref(tmp_path / "plain.json", "r1", "7")
     assert "trained" not in mlflow_run.load_run_ref(tmp_path / "plain.json")
+
+
+def test_a_continued_run_does_not_send_again_the_epochs_the_store_has(tmp_path, monkeypatch):
+    """A training killed after sending epoch 3 but before its state said so
+    (the checkpoint says 2): continuing, it sends epoch 4 only, and every
+    epoch is in the store once. Without asking the store, epoch 3 went twice
+    (seen on a Ray node killed mid-training)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    history = {"loss": [0.4, 0.3, 0.2, 0.1], "val_loss": [0.5, 0.4, 0.3, 0.2]}
+    client.log_batch(run_id, metrics=[Metric(k, v[s - 1], 0, s) for s in (1, 2, 3) for k, v in history.items()])
+
+    assert mlflow_run.MetricLog(run_id, logged=2).logged == 2  # what the checkpoint alone says
+    metric_log = mlflow_run.MetricLog.continuing(run_id, logged=2)
+    assert metric_log.logged == 3
+    assert metric_log.flush(history, 3) and metric_log.flush(history, 4)
+    for key in history:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
+    fresh = client.create_run(client.get_experiment_by_name("e").experiment_id).info.run_id
+    assert mlflow_run.MetricLog.continuing(fresh, logged=0).logged == 0

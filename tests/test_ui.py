@@ -78,3 +78,19 @@ def test_report_check_fails_on_a_broken_image(tmp_path):
         problems = ui_check.check_report(visit, page, ["pets_dae", "pets_cnn"])
     assert any("no table row for pets_cnn" in p for p in problems)
     assert any("1 of 1 images did not load" in p for p in problems)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("node"), reason="node (JavaScript's own formatting) is not here")
+def test_metric_values_are_looked_for_as_javascript_prints_them():
+    """The UI prints a metric with JavaScript's String(number): fixed notation
+    down to 1e-6 (a test MSE of 5.2e-05 is shown as 0.000052), exponents
+    without a leading zero. Checked against Node.js itself."""
+    import json
+    import subprocess
+
+    values = [5.199999941396527e-05, 0.0762, 1e-6, 9.99e-7, 1e-7, 5.2e-7, 3.0, 23.583, 1.5e22, 1e21,
+              -4.2e-05, 0.1, 0.9439123456789, 123456.789, -0.0]
+    script = "for (const v of JSON.parse(process.argv[1])) console.log(String(v))"
+    printed = subprocess.run(["node", "-e", script, json.dumps(values)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert [ui_check.shown_value(v) for v in values] == printed

@@ -14,6 +14,8 @@ screenshots are the ones in ``docs/`` and the README).
 
 from __future__ import annotations
 
+import decimal
+
 import json
 import os
 import re
@@ -182,8 +184,18 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def shown_value(value: float) -> str:
-    """A metric value as the MLflow UI prints it (JavaScript's shortest form)."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    """A metric value as the MLflow UI prints it: JavaScript's ``String(number)``,
+    the shortest digits that read back (as Python's ``repr``), in fixed notation
+    from 1e-6 up to 1e21 (``0.000052``, where ``repr`` writes ``5.2e-05``) and
+    otherwise as ``5.2e-7``."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    text = repr(value)
+    if 1e-6 <= abs(value) < 1e21:
+        return format(decimal.Decimal(text), "f")
+    mantissa, _, exponent = text.partition("e")
+    return f"{mantissa}e{'-' if exponent.startswith('-') else '+'}{int(exponent.lstrip('+-'))}"
 
 
 def check_mlflow_ui(visit: Visit, server, expected: dict[str, Sequence[str]], focus: tuple[str, str],
