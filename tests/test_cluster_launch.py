@@ -24,7 +24,7 @@ import pytest
 
 from cluster.jobs import DEFAULT_PORT, Job, LaunchError, from_placement, from_skypilot, port_from, process_env
 from cluster.launch import main
-from test_distribution import REPO, TOLERANCE, _env, _lab, _runs, _train
+from test_distribution import REPO, TOLERANCE, _env, _finish, _lab, _runs, _train
 from test_train import CLS
 
 jax_only = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
@@ -191,16 +191,10 @@ def test_two_skypilot_nodes_train_one_model_with_the_losses_of_one_device(tmp_pa
         processes.append((subprocess.Popen(
             [sys.executable, "-m", "cluster.launch", "--", sys.executable, "-m", "stages.train", "two"],
             cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    logs = []
-    for process, log in processes:
-        try:
-            code = process.wait(timeout=600)
-        finally:
-            process.kill()
-        log.seek(0)
-        logs.append(log.read())
-        assert code == 0, logs[-1][-3000:]
-    chief_log, worker_log = logs
+    results = _finish(processes)
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    chief_log, worker_log = (text for _, text in results)
     assert f"process 0 of 2, process 0 at 127.0.0.1:{port}: {sys.executable} -m stages.train two" in chief_log
     assert f"process 1 of 2, process 0 at 127.0.0.1:{port}" in worker_log
     assert "over 2 cpu device(s) in 2 process(es), this one 0" in chief_log

@@ -65,22 +65,10 @@ def test_stages_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):
     experiments) connecting at the same moment to a store that does not exist
     yet: one creates its tables and experiments while the others wait, and
     every one gets the same experiment ids."""
-    import subprocess
-    import sys
-    import time
 
     db = tmp_path / "mlflow.db"
-    start = time.time() + 6  # after every process has imported MLflow
-    script = ("import sys, time; from stages import mlflow_store; "
-              f"time.sleep(max(0, {start} - time.time())); "
-              "print(mlflow_store.connect('autoencoders'), mlflow_store.connect('classifiers'))")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
-    failed = [err[-800:] for _, err, code in results if code != 0]
-    assert not failed, failed
+    results = _together(f"sqlite:///{db}", "print(mlflow_store.connect('autoencoders'), "
+                        "mlflow_store.connect('classifiers'))", delay_s=6)
     assert len({out.strip() for out, _, _ in results}) == 1  # the same two experiments for all
 
 
@@ -124,30 +112,36 @@ def test_stages_starting_together_on_a_new_tracking_server_all_log_to_the_experi
     those that lose the race to create the experiment (MLflow answers
     RESOURCE_ALREADY_EXISTS, and its set_experiment then returns without
     making it the active one) or to tag it still start their runs in it."""
-    import subprocess
-    import sys
-    import time
 
     from mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path / "server").start()
     try:
-        start = time.time() + 8  # after every process has imported MLflow
-        script = ("import sys, time, mlflow; from stages import mlflow_store; "
-                  f"time.sleep(max(0, {start} - time.time())); "
-                  "eid = mlflow_store.connect('autoencoders'); "
-                  "run = mlflow.start_run(); mlflow.end_run(); "
-                  "print(eid, run.info.experiment_id)")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url,
-               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for _ in range(6)]
-        results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
-        failed = [err[-800:] for _, err, code in results if code != 0]
-        assert not failed, failed
+        results = _together(server.url, "eid = mlflow_store.connect('autoencoders'); "
+                            "run = mlflow.start_run(); mlflow.end_run(); print(eid, run.info.experiment_id)",
+                            delay_s=8)
         experiment = server.experiment_id("autoencoders")
         ids = {out.strip().splitlines()[-1] for out, _, _ in results}  # after MLflow's "View run" lines
         assert ids == {f"{experiment} {experiment}"}, ids
         assert len(server.runs("autoencoders")) == 6
     finally:
         server.stop()
+
+
+def _together(uri: str, code: str, delay_s: float, count: int = 6) -> list[tuple[str, str, int]]:
+    """``code`` run by ``count`` processes at the same moment (``delay_s`` from
+    now, after every one has imported MLflow) against the store ``uri``; each
+    one's (stdout, stderr, exit code), checked to have succeeded."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + delay_s
+    script = f"import time, mlflow; from stages import mlflow_store; time.sleep(max(0, {start} - time.time())); {code}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
+    failed = [err[-800:] for _, err, code in results if code != 0]
+    assert not failed, failed
+    return results
