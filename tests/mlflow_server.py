@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from cluster.postgres import free_port  # noqa: F401 - the tests take it from here
+
 MLFLOW = Path(sys.executable).with_name("mlflow")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MlflowServer:

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from cluster.jobs import DEFAULT_PORT, Job, LaunchError, from_placement, from_skypilot, port_from, process_env
 from cluster.launch import main
+from mlflow_server import free_port
 from test_distribution import REPO, TOLERANCE, _env, _finish, _lab, _runs, _train
 from test_train import CLS
 
@@ -156,12 +156,6 @@ def one_device(tmp_path_factory) -> dict:
     return json.loads((root / "models/one/history.json").read_text())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _assert_one_model_like_one_device(root: Path, one: dict) -> None:
     two = json.loads((root / "models/two/history.json").read_text())
     assert set(two) == set(one) == {"loss", "accuracy", "val_loss", "val_accuracy"}
@@ -181,7 +175,7 @@ def test_two_skypilot_nodes_train_one_model_with_the_losses_of_one_device(tmp_pa
     root = _lab(tmp_path / "lab", EXPERIMENTS)
     other = tmp_path / "other-host"
     shutil.copytree(root, other)
-    port = _free_port()
+    port = free_port()
     processes = []
     for rank, folder in enumerate((root, other)):
         env = _env(folder, "jax", SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NODE_IPS="127.0.0.1\n127.0.0.1\n",
