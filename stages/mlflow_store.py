@@ -81,16 +81,18 @@ def use_store() -> str:
     Credentials in an http(s) URI are moved into ``MLFLOW_TRACKING_USERNAME``
     / ``MLFLOW_TRACKING_PASSWORD`` (MLflow sends them as basic auth), so the
     URI MLflow holds, prints in run links and puts in its errors has none.
+    They replace credentials already in those variables: the URI names the
+    user for this run; an exported variable may be left from another.
     """
     import mlflow
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     uri, user, password = split_credentials(tracking_uri())
-    if user is not None:
-        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if user is not None:  # the URI's own credentials win over ones exported earlier
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
     if password is not None:
-        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
     if os.environ.get("MLFLOW_TRACKING_URI"):
         os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)

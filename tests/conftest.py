@@ -1,9 +1,11 @@
-"""Shared fixtures: a project folder with params.yaml, and a real HTTP server on 127.0.0.1."""
+"""Shared fixtures: a project folder with params.yaml, a real HTTP server on
+127.0.0.1, and every test's os.environ put back as it found it."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import os
 import shutil
 import threading
 import time
@@ -12,6 +14,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+
+@pytest.fixture(autouse=True)
+def _environment_put_back():
+    """A stage run in-process sets variables for MLflow in os.environ (its
+    HTTP limits, the credentials taken out of a tracking URI); left there, they
+    reach every later test's subprocesses on the same xdist worker (a
+    training given alice's URI once sent an earlier test's user instead)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -103,6 +118,7 @@ def project(tmp_path, monkeypatch):
 
 def params_for(datasets: dict, **sections) -> dict:
     """A params mapping with fast download settings for tests."""
-    base = {"download": {"retries": 2, "timeout_s": 5, "backoff_s": 0.01, "cache_dir": "data/cache"}, "datasets": datasets}
+    base = {"download": {"retries": 2, "timeout_s": 5, "backoff_s": 0.01, "cache_dir": "data/cache"},
+            "datasets": datasets}
     base.update(sections)
     return base

@@ -35,8 +35,10 @@ def test_environment_variable_wins_and_its_credentials_are_never_recorded(tmp_pa
 def test_use_store_hands_credentials_to_mlflow_as_basic_auth(tmp_path, monkeypatch):
     import mlflow
 
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", *mlflow_store.HTTP_DEFAULTS):
+    for key in mlflow_store.HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")  # exported earlier: the URI's user wins
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "bobs-password")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ann:secret@127.0.0.1:9")
     try:
         assert mlflow_store.use_store() == "http://127.0.0.1:9"
@@ -57,7 +59,8 @@ def test_failures_are_described_in_one_line_without_credentials(monkeypatch):
     other = Exception("Bad request to https://bob:hunter2@host/api\nsecond line")
     assert mlflow_store.describe_failure(other) == "Bad request to https://***@host/api"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
-    assert mlflow_store.describe_failure(Exception("(sqlite3.OperationalError) database is locked")) == "database is locked"
+    locked = Exception("(sqlite3.OperationalError) database is locked")
+    assert mlflow_store.describe_failure(locked) == "database is locked"
 
 
 def test_stages_starting_together_on_a_new_sqlite_store_all_connect(tmp_path):

@@ -45,7 +45,11 @@ def _experiments(root) -> dict[str, dict]:
 
 
 def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
-    bs = run_dvc(project, "exp", "run", "--queue", "-n", "bs", "-S", f"{TRAINING}.batch_size=2,8")
+    baseline = (project / "params.yaml").read_text()
+    bs = run_dvc(project, "exp", "run", "-v", "--queue", "-n", "bs", "-S", f"{TRAINING}.batch_size=2,8")
+    workspace = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    # queueing leaves the workspace as it was: the next grid starts from the baseline's params
+    assert (project / "params.yaml").read_text() == baseline and not workspace, workspace + bs.stderr[-6000:]
     ep = run_dvc(project, "exp", "run", "--queue", "-n", "ep", "-S", f"{TRAINING}.epochs=range(1,3)")
     assert "Queued experiment 'bs-2'" in bs.stdout and "Queued experiment 'ep-2'" in ep.stdout, bs.stdout + ep.stdout
 
