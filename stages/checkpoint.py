@@ -5,9 +5,10 @@
 statistics, the seed generators' states, so dropout masks and augmentation
 continue as in an uninterrupted run) and of its optimizer, streamed to disk
 one variable at a time (no second copy of the model in memory, and none of
-the h5 writer's work: a tenth of the time of a Keras save). The model's
-structure, compiled, is saved once per run with Keras as ``model/``, beside
-it. The files are written first, then ``state.json`` is replaced atomically
+the h5 writer's work: a tenth of the time of a Keras save). The model itself
+is not saved: a resumed run builds it from the same params (the fingerprint
+says so) and the variables are read into it, each checked for its shape. The
+files are written first, then ``state.json`` is replaced atomically
 to name them, then older ones are removed: whenever the process is killed,
 ``state.json`` names complete files or none. A state is used only for the
 same params and data (its fingerprint) and only while its run is not
@@ -37,7 +38,6 @@ from stages import atomic, provenance
 from stages.errors import PipelineError
 from stages.experiment_params import Experiment
 
-STRUCTURE = "model"
 SHARED = "IMAGEPIPE_CHECKPOINTS"  # a shared checkpoint root, keyed by fingerprint (see the module's docstring)
 
 
@@ -51,7 +51,6 @@ class State:
     described: bool = False  # the run's params and tags are logged
     complete: bool = False  # trained, exported and logged: nothing to resume
     model_id: str | None = None  # the MLflow LoggedModel, once logged
-    model: str | None = None  # the folder of the model's structure, once saved
     variables: str | None = None  # the file of the variables of epoch ``epoch``, when epoch > 0
 
 
@@ -83,10 +82,23 @@ def write_variables(variables: list, path: Path) -> None:
                 np.lib.format.write_array(member, np.asarray(keras.ops.convert_to_numpy(variable)))
 
 
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def read_variables(variables: list, path: Path) -> None:
-    with np.load(path) as saved:
-        if len(saved.files) != len(variables):
-            raise PipelineError(f"{path}: holds {len(saved.files)} variables, the model has {len(variables)}")
+    """``path``'s arrays into ``variables``, after checking that every one fits."""
+    changed = f"the model's code changed since {path} was saved (remove {path.parent} to start afresh)"
+    with zipfile.ZipFile(path) as archive:  # the shapes first, from the headers: nothing assigned to a misfit
+        if len(archive.namelist()) != len(variables):
+            raise PipelineError(f"{path}: holds {len(archive.namelist())} variables, the model has {len(variables)}: "
+                                f"{changed}")
+        for index, variable in enumerate(variables):
+            with archive.open(f"v{index}.npy") as member:
+                shape = _NPY_HEADERS[np.lib.format.read_magic(member)](member)[0]
+            if tuple(variable.shape) != shape:
+                raise PipelineError(f"{path}: variable {variable.path} is {shape} there and "
+                                    f"{tuple(variable.shape)} in the model: {changed}")
+    with np.load(path) as saved:  # then one at a time
         for index, variable in enumerate(variables):
             variable.assign(saved[f"v{index}"])
 
@@ -101,8 +113,10 @@ class Checkpoint:
     def read(self) -> State | None:
         """The folder's state, whatever its fingerprint; None if there is none (or it is unreadable)."""
         try:
-            return State(**json.loads(self.path.read_text()))
-        except (OSError, ValueError, TypeError):
+            saved = json.loads(self.path.read_text())
+            known = {f.name for f in dataclasses.fields(State)}  # one written by an older version may hold more
+            return State(**{key: value for key, value in saved.items() if key in known})
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
     def resumable(self, state: State | None) -> bool:
@@ -122,10 +136,6 @@ class Checkpoint:
     def save(self, model: keras.Model, state: State) -> None:
         """Save ``model``'s variables as the checkpoint of ``state.epoch`` and write ``state`` naming them."""
         # written in place: until state.json names them, half-written files are never read
-        if state.model is None:
-            shutil.rmtree(self.folder / STRUCTURE, ignore_errors=True)  # left by a run killed while saving
-            model.save(self.folder / STRUCTURE, zipped=False)
-            state.model = STRUCTURE
         state.variables = f"variables-{state.epoch}.npz"
         write_variables(all_variables(model), self.folder / state.variables)
         self.write(state)
@@ -133,8 +143,8 @@ class Checkpoint:
             if old.name != state.variables:
                 old.unlink(missing_ok=True)
 
-    def load_model(self, state: State) -> keras.Model:
-        model = keras.models.load_model(self.folder / state.model)
+    def restore(self, model: keras.Model, state: State) -> keras.Model:
+        """``model`` (compiled, built from the params of ``state``) with the variables of ``state.epoch``."""
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         read_variables(all_variables(model), self.folder / state.variables)

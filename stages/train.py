@@ -142,12 +142,13 @@ def starting_model(name: str, exp: Experiment, data: ExperimentData, train_array
                     checkpoint.fingerprint)
     placement.agree(f"the epoch to resume from ({checkpoint.folder}/ must be one shared folder, the same copy on "
                     "every host, or absent on every host)", start)
-    if start:
-        log.info("train %s: resuming from checkpoint after epoch %d of %d", name, start, epochs)
-        return checkpoint.load_model(state)
     batch_size = exp.training.batch_size
     steps = math.ceil(placement.usable_rows(len(train_arrays), batch_size) / batch_size)
-    return compiled_model(name, exp, train_arrays.x.shape[1:], len(data.class_names), steps, epochs, train_arrays.y)
+    model = compiled_model(name, exp, train_arrays.x.shape[1:], len(data.class_names), steps, epochs, train_arrays.y)
+    if start:
+        log.info("train %s: resuming from checkpoint after epoch %d of %d", name, start, epochs)
+        checkpoint.restore(model, state)
+    return model
 
 
 def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: tuple[Arrays, Arrays],

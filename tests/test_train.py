@@ -286,7 +286,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, inte
     killed_state = json.loads((roots["killed"] / "checkpoints/cls/state.json").read_text())
     assert 2 <= killed_state[progress] < 6, "the kill must land mid-run"
     if interval:
-        assert killed_state["epoch"] == 0 and killed_state["model"] is None
+        assert killed_state["epoch"] == 0 and killed_state["variables"] is None
     assert not (roots["killed"] / "models/cls/model.keras").exists()
 
     resumed = _train_process(roots["killed"], "cls")
@@ -339,6 +339,46 @@ def test_a_changed_checkpoint_interval_still_resumes(lab, caplog):
     _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 600}}})
     assert train_mod.main(["ae"]) == 0
     assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
+
+
+def _killed_at_the_end(lab: Path, name: str) -> Path:
+    """Train ``name`` (2 epochs), then mark its checkpoint as a run killed after its last epoch."""
+    assert train_mod.main([name]) == 0
+    state_file = lab / f"checkpoints/{name}/state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "complete": False}))
+    shutil.rmtree(lab / "models")
+    return state_file
+
+
+def test_a_checkpoint_of_an_older_version_still_resumes(lab, caplog):
+    """An older train stage also saved the model's structure (``"model": "model"``
+    in state.json, a ``model/`` folder): the variables resume into the model
+    built from the params; the extra key and folder are ignored."""
+    caplog.set_level(logging.INFO)
+    _params(lab, {"cls": CLS})
+    state_file = _killed_at_the_end(lab, "cls")
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "model": "model"}))
+    assert train_mod.main(["cls"]) == 0
+    assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
+
+
+def test_a_checkpoint_that_no_longer_fits_the_model_is_a_clear_error(lab, caplog):
+    """Same params, but a variable of another shape (the model's code changed
+    after the kill): the stage fails naming the file, the variable and the
+    way out, and assigns nothing."""
+    _params(lab, {"cls": CLS})
+    state_file = _killed_at_the_end(lab, "cls")
+    saved = lab / "checkpoints/cls" / json.loads(state_file.read_text())["variables"]
+    with np.load(saved) as arrays:
+        changed = {key: arrays[key] for key in arrays.files}
+    changed["v0"] = np.zeros((*changed["v0"].shape, 2), changed["v0"].dtype)
+    np.savez(saved, **changed)
+    assert train_mod.main(["cls"]) == 1
+    error = caplog.records[-1].getMessage()
+    assert error.startswith("train failed: checkpoints/cls/variables-2.npz: variable conv0/kernel is "
+                            "(3, 3, 1, 4, 2) there and (3, 3, 1, 4) in the model"), error
+    assert error.endswith("(remove checkpoints/cls to start afresh)"), error
+    assert not (lab / "models/cls/model.keras").exists()
 
 
 def test_shared_checkpoints_resume_in_another_copy_of_the_project_keyed_by_fingerprint(lab, tmp_path, caplog,
@@ -574,15 +614,19 @@ def test_the_model_file_is_the_last_checkpoint_zipped_as_keras_zips_it(lab, tmp_
 
     import keras
 
+    from stages import params as params_mod
     from stages.checkpoint import Checkpoint, State
+    from stages.training import compiled_model
 
     _params(lab, {"cls": CLS})
     assert train_mod.main(["cls"]) == 0
     state = State(**json.loads((lab / "checkpoints/cls/state.json").read_text()))
     assert state.epoch == 2 and state.variables == "variables-2.npz" and state.complete
-    assert sorted(p.name for p in (lab / "checkpoints/cls").iterdir()) == ["model", "state.json", "variables-2.npz"]
+    assert sorted(p.name for p in (lab / "checkpoints/cls").iterdir()) == ["state.json", "variables-2.npz"]
     model = keras.models.load_model(lab / "models/cls/model.keras")
-    checkpointed = Checkpoint(lab / "checkpoints/cls", state.fingerprint).load_model(state)
+    exp = params_mod.experiment(params_mod.load(lab / "params.yaml"), "cls")
+    fresh = compiled_model("cls", exp, model.input_shape[1:], model.output_shape[-1], 8, 2)  # its own new weights
+    checkpointed = Checkpoint(lab / "checkpoints/cls", state.fingerprint).restore(fresh, state)
     # the seed generators' states (in the checkpoint, for a resumed run) are not part of a .keras file
     for ours, theirs in zip(model.weights + model.optimizer.variables,
                             checkpointed.weights + checkpointed.optimizer.variables, strict=True):
