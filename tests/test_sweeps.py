@@ -1,5 +1,5 @@
-"""Sweeps with DVC's own queue: grids queued with ``dvc exp run --queue -S``
-(a list of values and ``range(...)``), run two at a time by ``dvc queue
+"""Sweeps with DVC's own queue: a grid queued with ``dvc exp run --queue -S``
+(a list of values times ``range(...)``, in one call), run two at a time by ``dvc queue
 start -j 2``, then compared by ``dvc exp show`` and ``python -m cluster.compare``,
 on the tiny pets image folder of test_pipeline.py."""
 
@@ -46,21 +46,20 @@ def _experiments(root) -> dict[str, dict]:
 
 def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
     baseline = (project / "params.yaml").read_text()
-    bs = run_dvc(project, "exp", "run", "-v", "--queue", "-n", "bs", "-S", f"{TRAINING}.batch_size=2,8")
+    grid = run_dvc(project, "exp", "run", "--queue", "-n", "g", "-S", f"{TRAINING}.batch_size=4,2",
+                   "-S", f"{TRAINING}.epochs=range(1,3)")
+    assert "Queued experiment 'g-4'" in grid.stdout, grid.stdout
     workspace = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
-    # queueing leaves the workspace as it was: the next grid starts from the baseline's params
-    assert (project / "params.yaml").read_text() == baseline and not workspace, workspace + bs.stderr[-6000:]
-    ep = run_dvc(project, "exp", "run", "--queue", "-n", "ep", "-S", f"{TRAINING}.epochs=range(1,3)")
-    assert "Queued experiment 'bs-2'" in bs.stdout and "Queued experiment 'ep-2'" in ep.stdout, bs.stdout + ep.stdout
+    assert (project / "params.yaml").read_text() == baseline and not workspace, workspace  # queueing left it alone
 
     queued = _experiments(project)
-    # one experiment per value; range's stop is left out, as in Python; the rest stays the baseline's
+    # one experiment per combination, the last axis fastest; range's stop is left out, as in Python
     assert {name: (e["state"], e["training"]["batch_size"], e["training"]["epochs"]) for name, e in queued.items()} \
-        == {"bs-1": ("queued", 2, 1), "bs-2": ("queued", 8, 1), "ep-1": ("queued", 4, 1), "ep-2": ("queued", 4, 2)}
+        == {"g-1": ("queued", 4, 1), "g-2": ("queued", 4, 2), "g-3": ("queued", 2, 1), "g-4": ("queued", 2, 2)}
 
-    # two cores: run three of them (two trainings, as ep-1 has the baseline's params), not all four
-    run_dvc(project, "queue", "remove", "bs-2")
-    assert "bs-2" not in _experiments(project)
+    # two cores: run three of them (two trainings, as g-1 has the baseline's params), not all four
+    run_dvc(project, "queue", "remove", "g-4")
+    assert "g-4" not in _experiments(project)
     run_dvc(project, "queue", "start", "-j", "2")
     try:
         status = wait_for_queue(project)
@@ -75,12 +74,12 @@ def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
         assert 0.0 <= exp["metrics"]["test"]["accuracy"] <= 1.0 and exp["metrics"]["test"]["loss"] > 0, name
 
     changed = list(csv.DictReader(io.StringIO(run_dvc(project, "exp", "show", "--only-changed", "--csv").stdout)))
-    assert {row["Experiment"] for row in changed} >= {"bs-1", "ep-1", "ep-2"}
+    assert {row["Experiment"] for row in changed} >= {"g-1", "g-2", "g-3"}
     assert {f"{TRAINING}.batch_size", f"{TRAINING}.epochs"} <= set(changed[0])
     assert f"{TRAINING}.loss" not in changed[0]  # the same everywhere: left out
 
-    diff = json.loads(run_dvc(project, "plots", "diff", "bs-1", "ep-2", "--json").stdout)
-    assert diff["data"]["plots/classifier/pets_cnn.json"][0]["revisions"] == ["bs-1", "ep-2"]
+    diff = json.loads(run_dvc(project, "plots", "diff", "g-3", "g-2", "--json").stdout)
+    assert diff["data"]["plots/classifier/pets_cnn.json"][0]["revisions"] == ["g-3", "g-2"]
 
     compared = subprocess.run([sys.executable, "-m", "cluster.compare", "--repo", str(project)], cwd=REPO,
                               env=dvc_env(), capture_output=True, text=True, timeout=120)
@@ -88,7 +87,7 @@ def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
     lines = [line for line in compared.stdout.splitlines() if line.startswith("| ")]
     assert lines[0] == "| experiment | training.epochs | training.batch_size | test.accuracy | test.loss |"
     rows = {line.split(" | ")[0].strip("| *").removesuffix("** (best)"): line for line in lines[1:]}
-    assert {"bs-1", "ep-1", "ep-2"} <= set(rows), compared.stdout
+    assert {"g-1", "g-2", "g-3"} <= set(rows), compared.stdout
     test = {name: exp["metrics"]["test"] for name, exp in done.items()}
     best = max(test, key=lambda name: (test[name]["accuracy"], -test[name]["loss"]))
     assert rows[best].startswith(f"| **{best}** (best) | {done[best]['training']['epochs']} | "
@@ -102,7 +101,7 @@ def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     classifiers = client.get_experiment_by_name("classifiers")
-    runs = client.search_runs([classifiers.experiment_id], "tags.dvc_exp_name LIKE 'bs-%'")
-    assert {(r.data.tags["dvc_exp_name"], r.data.params["training.batch_size"]) for r in runs} == {("bs-1", "2")}
-    # ep-1 has the baseline's params: DVC found nothing to run, and its results are the baseline's
-    assert not client.search_runs([classifiers.experiment_id], "tags.dvc_exp_name = 'ep-1'")
+    runs = client.search_runs([classifiers.experiment_id], "tags.dvc_exp_name LIKE 'g-%'")
+    assert {(r.data.tags["dvc_exp_name"], r.data.params["training.batch_size"], r.data.params["training.epochs"])
+            for r in runs} == {("g-2", "4", "2"), ("g-3", "2", "1")}
+    # g-1 has the baseline's params: DVC found nothing to run, and its results are the baseline's
