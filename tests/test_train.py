@@ -328,26 +328,23 @@ def test_changed_params_do_not_resume_a_stale_checkpoint(lab, caplog):
     assert len(json.loads((lab / "models/ae/history.json").read_text())["loss"]) == 2
 
 
-def test_a_changed_checkpoint_interval_still_resumes(lab, caplog):
-    """checkpoint_interval_s changes no result, so it is not in the fingerprint."""
-    caplog.set_level(logging.INFO)
-    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 0}}})
-    assert train_mod.main(["ae"]) == 0
-    state_file = lab / "checkpoints/ae/state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "complete": False}))  # killed at the end
-    shutil.rmtree(lab / "models")
-    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 600}}})
-    assert train_mod.main(["ae"]) == 0
-    assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
-
-
 def _killed_at_the_end(lab: Path, name: str) -> Path:
-    """Train ``name`` (2 epochs), then mark its checkpoint as a run killed after its last epoch."""
+    """Train ``name``, then mark its checkpoint as that of a run killed after its last epoch."""
     assert train_mod.main([name]) == 0
     state_file = lab / f"checkpoints/{name}/state.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "complete": False}))
     shutil.rmtree(lab / "models")
     return state_file
+
+
+def test_a_changed_checkpoint_interval_still_resumes(lab, caplog):
+    """checkpoint_interval_s changes no result, so it is not in the fingerprint."""
+    caplog.set_level(logging.INFO)
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 0}}})
+    _killed_at_the_end(lab, "ae")
+    _params(lab, {"ae": {**AE, "training": {**AE["training"], "checkpoint_interval_s": 600}}})
+    assert train_mod.main(["ae"]) == 0
+    assert "resuming from checkpoint after epoch 2 of 2" in caplog.text
 
 
 def test_a_checkpoint_of_an_older_version_still_resumes(lab, caplog):
