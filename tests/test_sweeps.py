@@ -45,7 +45,7 @@ def _experiments(root) -> dict[str, dict]:
 
 
 @pytest.mark.xfail(strict=False, reason="DVC 3.67's queue has mixed up queued points under a loaded machine "
-                   "(wrong params or name; four of six full-suite CI runs, never alone): docs/sweeps.md")
+                   "(wrong params or a missing run; four of eight full-suite CI runs, never alone): docs/sweeps.md")
 def test_grids_expand_run_two_at_a_time_and_compare_side_by_side(project):
     baseline = (project / "params.yaml").read_text()
     grid = run_dvc(project, "exp", "run", "--queue", "-n", "g", "-S", f"{TRAINING}.batch_size=4,2",
