@@ -88,18 +88,17 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 def read_variables(variables: list, path: Path) -> None:
     """``path``'s arrays into ``variables``, after checking that every one fits."""
     changed = f"the model's code changed since {path} was saved (remove {path.parent} to start afresh)"
-    with zipfile.ZipFile(path) as archive:  # the shapes first, from the headers: nothing assigned to a misfit
-        if len(archive.namelist()) != len(variables):
-            raise PipelineError(f"{path}: holds {len(archive.namelist())} variables, the model has {len(variables)}: "
+    with np.load(path) as saved:
+        if len(saved.files) != len(variables):
+            raise PipelineError(f"{path}: holds {len(saved.files)} variables, the model has {len(variables)}: "
                                 f"{changed}")
-        for index, variable in enumerate(variables):
-            with archive.open(f"v{index}.npy") as member:
+        for index, variable in enumerate(variables):  # the shapes first, from the headers: nothing assigned to a misfit
+            with saved.zip.open(f"v{index}.npy") as member:
                 shape = _NPY_HEADERS[np.lib.format.read_magic(member)](member)[0]
             if tuple(variable.shape) != shape:
                 raise PipelineError(f"{path}: variable {variable.path} is {shape} there and "
                                     f"{tuple(variable.shape)} in the model: {changed}")
-    with np.load(path) as saved:  # then one at a time
-        for index, variable in enumerate(variables):
+        for index, variable in enumerate(variables):  # then the arrays, one at a time
             variable.assign(saved[f"v{index}"])
 
 
