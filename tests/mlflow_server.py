@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from cluster.postgres import free_port  # noqa: F401 - the tests take it from here
+from cluster.postgres import free_port
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 REPO = Path(__file__).resolve().parents[1]

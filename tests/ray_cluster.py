@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from mlflow_server import free_port
+from cluster.postgres import free_port
 
 RAY = Path(sys.executable).with_name("ray")
 # a dead node is declared dead after ~3 failed checks 0.5 s apart (Ray's default: 5 x 3 s)

@@ -23,7 +23,7 @@ import pytest
 
 from cluster.jobs import DEFAULT_PORT, Job, LaunchError, from_placement, from_skypilot, port_from, process_env
 from cluster.launch import main
-from mlflow_server import free_port
+from cluster.postgres import free_port
 from test_distribution import REPO, TOLERANCE, _env, _finish, _lab, _runs, _train
 from test_train import CLS
 

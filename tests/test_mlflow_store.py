@@ -145,6 +145,6 @@ def _together(uri: str, code: str, delay_s: float, count: int = 6) -> list[tuple
     processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(count)]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in processes]
-    failed = [err[-800:] for _, err, code in results if code != 0]
+    failed = [err[-800:] for _, err, status in results if status != 0]
     assert not failed, failed
     return results

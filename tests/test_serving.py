@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlflow_server import free_port
+from cluster.postgres import free_port
 from stages import evaluate as evaluate_mod
 from stages import train as train_mod
 from stages.images import to_unit_float

@@ -25,9 +25,9 @@ import pytest
 
 import builders
 from cluster import team_server
-from cluster.postgres import Postgres
+from cluster.postgres import Postgres, free_port
 from dvc_helpers import dvc_env, git_commit, make_project, pets_params, ran, run_dvc, wait_for_queue
-from mlflow_server import TeamServer, free_port, metrics, params, tags
+from mlflow_server import TeamServer, metrics, params, tags
 from test_pipeline import PETS_CNN
 from test_train import CLS, _toy_lab, _train_process, _wait_for_state
 

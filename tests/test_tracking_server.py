@@ -14,7 +14,8 @@ import pytest
 
 import builders
 from dvc_helpers import dvc_env, git_commit, make_project, pets_params, ran, run_dvc, wait_for_queue
-from mlflow_server import MlflowServer, free_port, metrics, params, tags
+from cluster.postgres import free_port
+from mlflow_server import MlflowServer, metrics, params, tags
 from stages import mlflow_store
 from stages import train as train_mod
 from test_pipeline import PETS_CNN

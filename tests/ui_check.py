@@ -15,7 +15,6 @@ screenshots are the ones in ``docs/`` and the README).
 from __future__ import annotations
 
 import decimal
-
 import json
 import os
 import re
