@@ -123,7 +123,7 @@ class Checkpointing(EpochEnd):
         self.state.epoch = epoch + 1
         self.state.history = {key: list(values) for key, values in self.history.items()}
         with self.placement.alone():
-            self.checkpoint.save(self.model, self.state)
+            self.checkpoint.save(self.model, self.state, keep_spare=epoch + 1 < self.epochs)
         self.last = time.perf_counter()
 
 

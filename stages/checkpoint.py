@@ -1,18 +1,25 @@
 """``checkpoints/<experiment>/``: where a killed training resumes from.
 
-``state.json`` holds a :class:`State`. A checkpoint after epoch *e* is
-``variables-<e>.npz``: every variable of the model (weights, batch-norm
-statistics, the seed generators' states, so dropout masks and augmentation
-continue as in an uninterrupted run) and of its optimizer, streamed to disk
-one variable at a time (no second copy of the model in memory, and none of
-the h5 writer's work: a tenth of the time of a Keras save). The model itself
-is not saved: a resumed run builds it from the same params (the fingerprint
-says so) and the variables are read into it, each checked for its shape. The
-files are written first, then ``state.json`` is replaced atomically
-to name them, then older ones are removed: whenever the process is killed,
-``state.json`` names complete files or none. A state is used only for the
-same params and data (its fingerprint) and only while its run is not
-complete.
+``state.json`` holds a :class:`State`. A checkpoint is one ``.npz`` file:
+every variable of the model (weights, batch-norm statistics, the seed
+generators' states, so dropout masks and augmentation continue as in an
+uninterrupted run) and of its optimizer, streamed to disk one variable at a
+time from the backend's own memory (no copy of the model in NumPy, and none
+of the h5 writer's work). The model itself is not saved: a resumed run
+builds it from the same params (the fingerprint says so) and the variables
+are read into it, each checked for its shape.
+
+Two files take turns, ``variables-a.npz`` and ``variables-b.npz``: a
+checkpoint overwrites, in place, the one ``state.json`` does not name, then
+``state.json`` is replaced atomically to name it. Whenever the process is
+killed, ``state.json`` names a complete file. Overwriting in place, where
+writing a new file would allocate it afresh, keeps the file's pages in the
+page cache from one checkpoint to the next: on a VM where memory touched for
+the first time is slow, a 155 MB checkpoint took 0.2-0.5 s once both files
+existed (1.4-1.7 s the first time into each), where a new file and NumPy
+copies took 2-3 s every time (docs/benchmarks.md). After the last epoch the
+spare file is removed. A state is used only for the same params and data (its
+fingerprint) and only while its run is not complete.
 
 With ``IMAGEPIPE_CHECKPOINTS`` set (a folder every machine reaches, such as
 a network share), the folder is ``<that>/<experiment>-<fingerprint>``
@@ -38,6 +45,7 @@ from stages import atomic, provenance
 from stages.errors import PipelineError
 from stages.experiment_params import Experiment
 
+SLOTS = ("variables-a.npz", "variables-b.npz")  # the two files checkpoints take turns in
 SHARED = "IMAGEPIPE_CHECKPOINTS"  # a shared checkpoint root, keyed by fingerprint (see the module's docstring)
 
 
@@ -74,12 +82,29 @@ def all_variables(model: keras.Model) -> list:
     return [*model.variables, *model.optimizer.variables]
 
 
+def host_array(variable) -> np.ndarray:
+    """``variable``'s value as a NumPy array, sharing the backend's memory
+    where it can (a tensor on the CPU): a read-only view that the caller lets
+    go before the variable next changes (TensorFlow would copy a variable
+    still viewed when the optimizer updates it)."""
+    value = variable.value
+    read = getattr(value, "read_value", None)  # a tf.Variable: its tensor, whose NumPy view is the buffer itself
+    return np.asarray(read() if read is not None else value)
+
+
 def write_variables(variables: list, path: Path) -> None:
-    """``variables`` into an ``.npz`` file (read by ``np.load``), one at a time."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for index, variable in enumerate(variables):
-            with archive.open(f"v{index}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asarray(keras.ops.convert_to_numpy(variable)))
+    """``variables`` into an ``.npz`` file (read by ``np.load``), one at a
+    time. An existing file is overwritten in place (its pages reused), then
+    cut to the new length."""
+    with open(path, "r+b" if path.exists() else "wb") as file:
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for index, variable in enumerate(variables):
+                array = np.asarray(host_array(variable), order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+                with archive.open(f"v{index}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(array))
+                    member.write(array.reshape(-1).view(np.uint8))
+                del array
+        file.truncate()
 
 
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -132,14 +157,16 @@ class Checkpoint:
     def write(self, state: State) -> None:
         atomic.write_text(self.path, json.dumps(dataclasses.asdict(state)))
 
-    def save(self, model: keras.Model, state: State) -> None:
-        """Save ``model``'s variables as the checkpoint of ``state.epoch`` and write ``state`` naming them."""
-        # written in place: until state.json names them, half-written files are never read
-        state.variables = f"variables-{state.epoch}.npz"
-        write_variables(all_variables(model), self.folder / state.variables)
+    def save(self, model: keras.Model, state: State, keep_spare: bool = True) -> None:
+        """Save ``model``'s variables as the checkpoint of ``state.epoch``, in
+        the file ``state.json`` does not name, and write ``state`` naming it.
+        Without ``keep_spare`` (the last checkpoint of a run) the other file goes."""
+        target = SLOTS[1] if state.variables == SLOTS[0] else SLOTS[0]
+        write_variables(all_variables(model), self.folder / target)
+        state.variables = target
         self.write(state)
-        for old in self.folder.glob("variables-*.npz"):
-            if old.name != state.variables:
+        for old in self.folder.glob("variables-*.npz"):  # an older version's, named by epoch; the spare when done
+            if old.name != target and (old.name not in SLOTS or not keep_spare):
                 old.unlink(missing_ok=True)
 
     def restore(self, model: keras.Model, state: State) -> keras.Model:

@@ -44,7 +44,7 @@ def to_unit_float(images: np.ndarray) -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         dtype = getattr(images, "dtype", type(images).__name__)
         raise TypeError(f"to_unit_float expects uint8 pixels, got {dtype}: scale raw images exactly once")
-    return images.astype(np.float32) * UNIT_SCALE
+    return np.multiply(images, UNIT_SCALE, dtype=np.float32)  # one pass; the same floats as astype, then multiply
 
 
 def as_unit(images: np.ndarray) -> np.ndarray:

@@ -25,6 +25,15 @@ def test_to_unit_float_exact_range():
     assert np.allclose(x, [0, 1 / 255, 128 / 255, 1], atol=1e-7)
 
 
+def test_to_unit_float_is_the_float32_product_bit_for_bit():
+    """Every pixel value scales to float32(value) * float32(1/255), rounded
+    once: what a float32 cast and a multiply (the seed scripts' ``/ 255.0``
+    in float32 aside) give, so results do not move with the implementation."""
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = np.array([np.float32(v) * np.float32(1.0 / 255.0) for v in range(256)], np.float32).reshape(16, 16)
+    assert to_unit_float(pixels).view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+
+
 @pytest.mark.parametrize("bad", [np.zeros(3, np.float32), np.zeros(3, np.int64), [0, 255]])
 def test_to_unit_float_refuses_anything_but_uint8(bad):
     with pytest.raises(TypeError, match="expects uint8"):

@@ -216,7 +216,7 @@ def test_each_epoch_logs_its_time_and_its_checkpoint_and_tracking_times(lab, cap
     assert all(float(line[1]) > 0 for line in lines), lines
     # the default checkpoint_interval_s (120 s) is longer than these epochs: only the last one is checkpointed
     assert after["checkpoint_s"][:2] == [0.0, 0.0] and after["checkpoint_s"][2] > 0, lines
-    assert json.loads((lab / "checkpoints/ae/state.json").read_text())["variables"] == "variables-3.npz"
+    assert json.loads((lab / "checkpoints/ae/state.json").read_text())["variables"] == "variables-a.npz"
 
 
 def test_nan_stops_with_a_clear_error_and_no_model(lab, caplog):
@@ -372,7 +372,7 @@ def test_a_checkpoint_that_no_longer_fits_the_model_is_a_clear_error(lab, caplog
     np.savez(saved, **changed)
     assert train_mod.main(["cls"]) == 1
     error = caplog.records[-1].getMessage()
-    assert error.startswith("train failed: checkpoints/cls/variables-2.npz: variable conv0/kernel is "
+    assert error.startswith("train failed: checkpoints/cls/variables-a.npz: variable conv0/kernel is "
                             "(3, 3, 1, 4, 2) there and (3, 3, 1, 4) in the model"), error
     assert error.endswith("(remove checkpoints/cls to start afresh)"), error
     assert not (lab / "models/cls/model.keras").exists()
@@ -618,8 +618,8 @@ def test_the_model_file_is_the_last_checkpoint_zipped_as_keras_zips_it(lab, tmp_
     _params(lab, {"cls": CLS})
     assert train_mod.main(["cls"]) == 0
     state = State(**json.loads((lab / "checkpoints/cls/state.json").read_text()))
-    assert state.epoch == 2 and state.variables == "variables-2.npz" and state.complete
-    assert sorted(p.name for p in (lab / "checkpoints/cls").iterdir()) == ["state.json", "variables-2.npz"]
+    assert state.epoch == 2 and state.variables == "variables-a.npz" and state.complete
+    assert sorted(p.name for p in (lab / "checkpoints/cls").iterdir()) == ["state.json", "variables-a.npz"]
     model = keras.models.load_model(lab / "models/cls/model.keras")
     exp = params_mod.experiment(params_mod.load(lab / "params.yaml"), "cls")
     fresh = compiled_model("cls", exp, model.input_shape[1:], model.output_shape[-1], 8, 2)  # its own new weights
