@@ -15,9 +15,9 @@ checkpoint overwrites, in place, the one ``state.json`` does not name, then
 killed, ``state.json`` names a complete file. Overwriting in place, where
 writing a new file would allocate it afresh, keeps the file's pages in the
 page cache from one checkpoint to the next: on a VM where memory touched for
-the first time is slow, a 155 MB checkpoint took 0.2-0.5 s once both files
-existed (1.4-1.7 s the first time into each), where a new file and NumPy
-copies took 2-3 s every time (docs/benchmarks.md). After the last epoch the
+the first time is slow, a 155 MB checkpoint took 0.2-0.55 s once both
+files existed (1.3-1.8 s the first time into each), where a new file and
+NumPy copies took 2-3 s (docs/benchmarks.md). After the last epoch the
 spare file is removed. A state is used only for the same params and data (its
 fingerprint) and only while its run is not complete.
 
