@@ -103,7 +103,6 @@ def write_variables(variables: list, path: Path) -> None:
                 with archive.open(f"v{index}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(array))
                     member.write(array.reshape(-1).view(np.uint8))
-                del array
         file.truncate()
 
 
