@@ -166,11 +166,17 @@ class MetricLog:
     the history (and the checkpoint) and go with a later flush. After a
     failure the next try waits ``pause_s``, so an outage costs one timeout,
     not one per epoch. ``flush(..., required=True)`` raises instead.
+
+    An epoch keeps the timestamp of its first try. A store that took a batch
+    but whose answer was lost (a database restarted mid-request) is sent the
+    same metrics again, which MLflow stores once: with a new timestamp each
+    try, that epoch would be in the run twice.
     """
 
     def __init__(self, run_id: str, logged: int = 0, pause_s: float = 30.0):
         self.run_id, self.logged, self.pause_s = run_id, logged, pause_s
         self._retry_at = 0.0
+        self._stamps: dict[int, int] = {}  # epoch -> milliseconds, for epochs not yet logged
 
     @classmethod
     def continuing(cls, run_id: str, logged: int) -> "MetricLog":
@@ -199,8 +205,10 @@ class MetricLog:
         if not required and time.monotonic() < self._retry_at:
             return False
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(values[step - 1]), now, step)
-                 for step in range(self.logged + 1, upto + 1) for key, values in history.items()]
+        steps = range(self.logged + 1, upto + 1)
+        stamps = {step: self._stamps.setdefault(step, now) for step in steps}
+        batch = [Metric(key, float(values[step - 1]), stamps[step], step)
+                 for step in steps for key, values in history.items()]
         try:
             for start in range(0, len(batch), 1000):  # MLflow's limit per log_batch
                 MlflowClient().log_batch(self.run_id, metrics=batch[start:start + 1000], synchronous=True)
@@ -214,6 +222,7 @@ class MetricLog:
             self._retry_at = time.monotonic() + self.pause_s
             return False
         self.logged = upto
+        self._stamps = {step: stamp for step, stamp in self._stamps.items() if step > upto}
         return True
 
 

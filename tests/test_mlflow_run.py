@@ -63,3 +63,36 @@ def test_a_continued_run_does_not_send_again_the_epochs_the_store_has(tmp_path, 
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3, 4], key
     fresh = client.create_run(client.get_experiment_by_name("e").experiment_id).info.run_id
     assert mlflow_run.MetricLog.continuing(fresh, logged=0).logged == 0
+
+
+def test_epochs_sent_again_after_a_lost_answer_are_stored_once(tmp_path, monkeypatch):
+    """A store that took a batch but whose answer never came back (PostgreSQL
+    stopped mid-request behind the team server) is sent the same epochs again
+    by the next flush: they keep their first timestamps, so MLflow stores each
+    epoch once. With a new timestamp per try, epoch 2 was in the run twice."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    history = {"loss": [0.4, 0.3, 0.2], "val_loss": [0.5, 0.4, 0.3]}
+    metric_log = mlflow_run.MetricLog(run_id, pause_s=0)
+    assert metric_log.flush(history, 1)
+
+    log_batch = MlflowClient.log_batch
+
+    def stored_then_lost(self, *args, **kwargs):  # the real store takes the batch; its answer is lost
+        log_batch(self, *args, **kwargs)
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", stored_then_lost)
+    assert not metric_log.flush(history, 2)
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]  # it was stored
+
+    monkeypatch.setattr(mlflow_run.time, "time", lambda: 4_000_000_000.0)  # the next try, a later clock
+    assert metric_log.flush(history, 3)
+    for key in history:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
+    assert stamps[3] == 4_000_000_000_000 and stamps[2] < stamps[3]
