@@ -53,8 +53,10 @@ class Training(_Strict):
     jit_compile: bool | Literal["auto"] = "auto"  # XLA
     # batches per call into the backend, callbacks once per call; the same
     # steps and updates. On TensorFlow they run in one graph loop, so fewer
-    # Python round trips (docs/benchmarks.md). Unset: 16 on one device, 1
-    # with data_parallel (TensorFlow's MirroredStrategy fails with more)
+    # Python round trips (docs/benchmarks.md). At most this many: the most
+    # that divide an epoch's batches, so that a call ends on an epoch's end.
+    # Unset: 16 on one device, 1 with data_parallel (TensorFlow's
+    # MirroredStrategy fails with more)
     steps_per_execution: Positive | None = None
     # update the weights every N batches with their mean gradient: the optimizer
     # sees batch_size x N images a step while only batch_size are in memory

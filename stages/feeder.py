@@ -20,13 +20,17 @@ class ScaledBatches(keras.utils.PyDataset):
     NumPy or, with ``training.data_on_device``, backend tensors on the
     accelerator (:func:`on_device`): batches are then made there.
 
-    With ``seed``, epoch *e* visits the images in the permutation seeded from
-    ``(seed, e)``, so a run resumed at any epoch sees the batches an
-    uninterrupted one does; without it, in their order (validation). ``fit``
-    names the epoch through :class:`EpochOrder`: Keras calls the dataset's own
-    ``on_epoch_end`` also once when ``fit`` starts (after reading two batches
-    for their shapes), so counting its calls would train epoch *e* on the
-    order of *e + 1*.
+    With ``seed`` (training) the batches are endless and each one's place is
+    a pure function of its index: batch *i* is batch ``i % per_epoch`` of
+    epoch ``epoch + i // per_epoch``, which visits the images in the
+    permutation seeded from ``(seed, epoch)``. ``fit`` is given
+    ``steps_per_epoch=per_epoch``, so Keras keeps one iterator for the whole
+    training instead of one per epoch (on TensorFlow, ending a ``tf.data``
+    iterator can wait up to 10 s for its autotuning thread), and prefetching
+    across an epoch's end draws the next epoch's batches, as an uninterrupted
+    or resumed run does. Each call into the backend must then end on an
+    epoch's end: :func:`stages.training.execution_steps`. Without ``seed`` (validation): one
+    epoch, in order.
 
     Data-parallel (``placement``): the order is cut so that the last batch
     splits over the devices, and a process of several yields only its share
@@ -38,52 +42,52 @@ class ScaledBatches(keras.utils.PyDataset):
         self.arrays, self.batch_size, self.image_targets = arrays, batch_size, image_targets
         self.seed, self.epoch, self.placement = seed, epoch, placement
         self.rows = placement.usable_rows(len(arrays), batch_size)
-        self.order = self._order()
+        self.per_epoch = math.ceil(self.rows / batch_size)
+        self._orders: dict[int, np.ndarray] = {}  # the last two epochs drawn from (prefetching crosses ends)
+        self._spare = None  # a batch to answer prefetching after release()
 
-    def _order(self) -> np.ndarray:
-        count = len(self.arrays)
+    def order(self, epoch: int) -> np.ndarray:
+        """The rows of ``epoch`` in the order it visits them."""
         if self.seed is None:
-            order = np.arange(count)
-        else:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(count)
-        return order[:self.rows]
-
-    def start_epoch(self, epoch: int) -> None:
-        if self.seed is not None and epoch != self.epoch:
-            self.epoch = epoch
-            self.order = self._order()
+            epoch = 0
+        if epoch not in self._orders:
+            count = len(self.arrays)
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = (np.arange(self.rows) if self.seed is None else
+                                   np.random.default_rng([self.seed, epoch]).permutation(count)[:self.rows])
+        return self._orders[epoch]
 
     def __len__(self) -> int:
-        return math.ceil(self.rows / self.batch_size)
+        return self.per_epoch
+
+    @property
+    def num_batches(self) -> int | None:
+        return None if self.seed is not None else self.per_epoch
 
     def release(self) -> None:
-        """Let go of the arrays and the order once ``fit`` is done with them.
+        """Let go of the arrays and the orders once ``fit`` is done with them.
         Keras on TensorFlow feeds a PyDataset through ``tf.data``'s
         ``from_generator``, whose generator TensorFlow keeps for the rest of
-        the process: the images would stay alive with it."""
-        self.arrays = self.order = None
+        the process: the images would stay alive with it. A prefetch after
+        the last epoch (never trained on) gets a copy of the first batch."""
+        if self.arrays is not None and self.seed is not None:
+            self._spare = self[0]
+        self.arrays, self._orders = None, {}
 
     def __getitem__(self, index: int):
-        rows = self.placement.share(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        if self.arrays is None:
+            if self._spare is None:
+                raise RuntimeError("the batches were released")
+            return self._spare
+        epoch, step = divmod(index, self.per_epoch)
+        order = self.order(self.epoch + epoch)
+        rows = self.placement.share(order[step * self.batch_size:(step + 1) * self.batch_size])
         x = gather_scaled(self.arrays.x, rows)
         if self.arrays.y is self.arrays.x:  # an autoencoder reconstructing its input: one gather, not two
             return x, x
         if self.image_targets:
             return x, gather_scaled(self.arrays.y, rows)
         return x, gather(self.arrays.y, rows)
-
-
-class EpochOrder(keras.callbacks.Callback):
-    """Gives ``batches`` the epoch that is starting, before Keras draws its
-    first batch (its iterators over a PyDataset, and TensorFlow's prefetching
-    of one, draw nothing before that)."""
-
-    def __init__(self, batches: ScaledBatches):
-        super().__init__()
-        self.batches = batches
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.batches.start_epoch(epoch)
 
 
 def gather(array, rows: np.ndarray):

@@ -34,7 +34,7 @@ from stages.callbacks import Checkpointing, EpochLog, History, ImageLog, LetGo, 
 from stages.checkpoint import Checkpoint, State, fingerprint, folder_for  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path, split_files  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
-from stages.feeder import EpochOrder, ScaledBatches, on_device  # noqa: E402
+from stages.feeder import ScaledBatches, on_device  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
 from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, log_split, run_tags,  # noqa: E402
                                save_run_ref, system_metrics_wanted, tracked_run)
@@ -63,8 +63,8 @@ def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Mod
     validation = ScaledBatches(val, batch_size, image_targets, placement=placement)
     holders = (batches, validation, *given, train, val)  # the caller's arrays, and their device copies
     try:
-        model.fit(batches, epochs=epochs, initial_epoch=start, shuffle=False, validation_data=validation,
-                  callbacks=[EpochOrder(batches), guard, LetGo(epochs, holders), *callbacks],
+        model.fit(batches, epochs=epochs, initial_epoch=start, steps_per_epoch=batches.per_epoch, shuffle=False,
+                  validation_data=validation, callbacks=[guard, LetGo(epochs, holders), *callbacks],
                   verbose=1 if sys.stderr.isatty() else 0)  # Keras' bar on a terminal; our line per epoch always
     finally:
         for holder in holders:

@@ -75,6 +75,15 @@ def loss_for(t: Training, num_classes: int):
     return LOSSES[t.loss]
 
 
+def execution_steps(wanted: int, per_epoch: int) -> int:
+    """The most batches per call into the backend, at most ``wanted``, that
+    divide an epoch's ``per_epoch``: with the endless training batches
+    (:class:`stages.feeder.ScaledBatches`) a call that ran on
+    past an epoch's end would train on the next epoch's first batches in this
+    one. The same batches and updates, only grouped differently."""
+    return max(steps for steps in range(1, min(wanted, per_epoch) + 1) if per_epoch % steps == 0)
+
+
 def compiled_model(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_epoch: int, epochs: int,
                    train_targets: np.ndarray | None = None) -> keras.Model:
     """The compiled model; a ``linear_path`` autoencoder starts from the PCA of
@@ -92,5 +101,6 @@ def compiled_model(name: str, exp: Experiment, image_shape, num_classes: int, st
                             f"{'x'.join(map(str, image_shape))} images: {first}") from None
     t = exp.training
     model.compile(optimizer=optimizer_for(t, steps_per_epoch * epochs), loss=loss_for(t, num_classes),
-                  metrics=list(t.metrics), jit_compile=t.jit_compile, steps_per_execution=t.steps_per_call)
+                  metrics=list(t.metrics), jit_compile=t.jit_compile,
+                  steps_per_execution=execution_steps(t.steps_per_call, steps_per_epoch))
     return model

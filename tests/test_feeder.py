@@ -1,6 +1,7 @@
 """stages/feeder.py: the batches fit trains on."""
 
 import numpy as np
+import pytest
 
 from stages.distribution import Placement
 from stages.experiment_data import Arrays
@@ -35,56 +36,75 @@ def test_batches_are_scaled_one_at_a_time_in_the_epochs_order():
     assert y_b is x_b  # one array reconstructing itself is gathered and scaled once
 
 
-def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_order():
-    """In a real ``fit`` (the backend's own iterators and prefetching), epoch
-    *e* draws exactly the batches of the order seeded from (seed, e), also
+def test_batches_are_endless_and_each_index_falls_in_its_epoch():
+    """Training batches never run out: index i is batch i % 3 of epoch
+    start + i // 3, whatever was asked before (prefetching jumps ahead);
+    validation batches are one epoch. Released, a prefetch past the last
+    epoch gets a spare batch; validation raises."""
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    labels = np.arange(10)
+    batches = ScaledBatches(Arrays(x, labels), 4, image_targets=False, seed=7, epoch=2)
+    assert batches.num_batches is None and batches.per_epoch == len(batches) == 3
+    later = batches[7]  # epoch 4, second batch, before anything of epoch 3
+    np.testing.assert_array_equal(batches[3][1], _order(7, 3, 10)[:4])
+    np.testing.assert_array_equal(later[1], _order(7, 4, 10)[4:8])
+    np.testing.assert_array_equal(batches[2][1], _order(7, 2, 10)[8:])
+    validation = ScaledBatches(Arrays(x, labels), 4, image_targets=False)
+    assert validation.num_batches == 3
+    np.testing.assert_array_equal(np.concatenate([validation[i][1] for i in range(3)]), labels)
+    first = batches[0]
+    batches.release(), validation.release()
+    assert np.array_equal(batches[12][1], first[1])
+    with pytest.raises(RuntimeError, match="released"):
+        validation[0]
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_order(start):
+    """In a real ``fit`` (one iterator for all epochs, the backend
+    prefetching across their ends, calls of 3 batches), epoch *e* trains on
+    exactly the batches of the order seeded from (seed, e), each once, also
     when it starts at a later epoch (a resumed run); the validation batches
-    keep their order."""
+    keep their order. The model itself records what it is given."""
     import keras
 
-    from stages.feeder import EpochOrder
+    from stages.training import execution_steps
 
     x = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1)
     labels = np.arange(12) % 2
-    drawn = []
+    seen = []
 
-    class Seen(ScaledBatches):
-        def __getitem__(self, index):
-            batch = super().__getitem__(index)
-            drawn.append((self.seed, self.epoch, tuple(np.asarray(batch[0]).ravel())))
-            return batch
+    class Record(keras.layers.Layer):
+        def call(self, inputs, training=None):  # eager: real batches
+            seen.append(("train" if training else "val", np.asarray(inputs).ravel()))
+            return inputs
+
+        def compute_output_shape(self, shape):
+            return shape
 
     class Epoch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            drawn.append(("fit", epoch))
+            seen.append(("epoch", epoch))
 
     inputs = keras.Input((1, 1, 1))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs)))
-    model.compile("sgd", "sparse_categorical_crossentropy")
-    for start in (0, 3):
-        drawn.clear()
-        batches, validation = Seen(Arrays(x, labels), 5, False, seed=3, epoch=start), Seen(Arrays(x, labels), 5, False)
-        model.fit(batches, epochs=5, initial_epoch=start, validation_data=validation,
-                  callbacks=[EpochOrder(batches), Epoch()], shuffle=False, verbose=0)
-        batches.release(), validation.release()  # TensorFlow keeps the datasets fit was given
-        epoch = None
-        for entry in drawn:
-            if entry[0] == "fit":
-                epoch = entry[1]
-                continue
-            if epoch is None:  # Keras reading batches for their shapes before the first epoch
-                continue
-            seed, order_epoch, pixels = entry
-            if seed is None:
-                continue
-            assert order_epoch == epoch
-        for epoch in range(start, 5):  # every training batch of the epoch, in the epoch's order
-            at = drawn.index(("fit", epoch))
-            following = [e for e in drawn[at + 1:at + 1 + 6] if e[0] == 3][:3]
-            pixels = np.concatenate([np.array(e[2]) for e in following])
-            np.testing.assert_array_equal(pixels, to_unit_float(x[_order(3, epoch, 12)]).ravel())
-        validation = [np.array(e[2]) for e in drawn if e[0] is None][-3:]
-        np.testing.assert_array_equal(np.concatenate(validation), to_unit_float(x).ravel())
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(Record()(inputs)))
+    model = keras.Model(inputs, outputs)
+    batches, validation = ScaledBatches(Arrays(x, labels), 2, False, seed=3, epoch=start), \
+        ScaledBatches(Arrays(x, labels), 5, False)
+    assert execution_steps(4, batches.per_epoch) == 3  # 6 batches an epoch: calls of 3, not 4
+    model.compile("sgd", "sparse_categorical_crossentropy", run_eagerly=True,
+                  steps_per_execution=execution_steps(4, batches.per_epoch))
+    model.fit(batches, epochs=5, initial_epoch=start, steps_per_epoch=batches.per_epoch, validation_data=validation,
+              callbacks=[Epoch()], shuffle=False, verbose=0)
+    batches.release(), validation.release()  # TensorFlow keeps the datasets fit was given
+    marks = [at for at, entry in enumerate(seen) if entry[0] == "epoch"]
+    assert [seen[at][1] for at in marks] == list(range(start, 5))
+    for at, end in zip(marks, [*marks[1:], len(seen)]):
+        epoch = seen[at][1]
+        trained = np.concatenate([pixels for kind, pixels in seen[at + 1:end] if kind == "train"])
+        np.testing.assert_array_equal(trained, to_unit_float(x[_order(3, epoch, 12)]).ravel())
+        validated = np.concatenate([pixels for kind, pixels in seen[at + 1:end] if kind == "val"])
+        np.testing.assert_array_equal(validated, to_unit_float(x).ravel())
 
 
 def test_data_parallel_batches_split_evenly_and_each_process_gets_its_share():

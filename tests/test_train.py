@@ -689,5 +689,5 @@ def test_fit_lets_the_images_go_before_the_last_epochs_checkpoint():
     assert seen == [[True, True], [True, True], [False, False]]
     gc.collect()
     kept = [obj for obj in gc.get_objects() if isinstance(obj, ScaledBatches) and id(obj) not in earlier]
-    assert all(obj.arrays is None and obj.order is None for obj in kept)
+    assert all(obj.arrays is None and not obj._orders for obj in kept)
     assert keras.backend.backend() != "tensorflow" or len(kept) >= 2  # what the release is for
