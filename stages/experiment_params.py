@@ -53,8 +53,9 @@ class Training(_Strict):
     jit_compile: bool | Literal["auto"] = "auto"  # XLA
     # batches per call into the backend, callbacks once per call; the same
     # steps and updates. On TensorFlow they run in one graph loop, so fewer
-    # Python round trips (docs/benchmarks.md). At most this many: the most
-    # that divide an epoch's batches, so that a call ends on an epoch's end.
+    # Python round trips (docs/benchmarks.md). A call ends on an epoch's end,
+    # so the number used divides an epoch's batches: the largest up to this
+    # one, or where that is under half of it the smallest above, up to 4 times
     # Unset: 16 on one device, 1 with data_parallel (TensorFlow's
     # MirroredStrategy fails with more)
     steps_per_execution: Positive | None = None

@@ -76,12 +76,19 @@ def loss_for(t: Training, num_classes: int):
 
 
 def execution_steps(wanted: int, per_epoch: int) -> int:
-    """The most batches per call into the backend, at most ``wanted``, that
-    divide an epoch's ``per_epoch``: with the endless training batches
-    (:class:`stages.feeder.ScaledBatches`) a call that ran on
-    past an epoch's end would train on the next epoch's first batches in this
-    one. The same batches and updates, only grouped differently."""
-    return max(steps for steps in range(1, min(wanted, per_epoch) + 1) if per_epoch % steps == 0)
+    """Batches per call into the backend for ``training.steps_per_execution``
+    = ``wanted``: a divisor of the epoch's ``per_epoch`` batches, because with
+    the endless training batches (:class:`stages.feeder.ScaledBatches`) a
+    call that ran on past an epoch's end would train on the next epoch's
+    first batches in this one. The largest divisor up to ``wanted``; where
+    that is under half of it (47 batches an epoch have only 1 and 47), the
+    smallest divisor above it, up to 4 times ``wanted``. The same batches and
+    updates either way, only grouped differently."""
+    divisors = [steps for steps in range(1, per_epoch + 1) if per_epoch % steps == 0]
+    below = max(steps for steps in divisors if steps <= wanted)
+    if 2 * below >= min(wanted, per_epoch):
+        return below
+    return next((steps for steps in divisors if wanted < steps <= 4 * wanted), below)
 
 
 def compiled_model(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_epoch: int, epochs: int,

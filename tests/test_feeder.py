@@ -59,6 +59,18 @@ def test_batches_are_endless_and_each_index_falls_in_its_epoch():
         validation[0]
 
 
+def test_calls_into_the_backend_end_on_an_epochs_end():
+    """The batches per call divide an epoch's: the largest up to the wanted
+    number, or the smallest above it (up to 4 times) where that is under half."""
+    from stages.training import execution_steps
+
+    cases = {(16, 20): 10, (16, 100): 10, (16, 196): 14, (16, 47): 47, (16, 235): 47, (16, 97): 1,
+             (16, 3): 3, (1, 47): 1, (25, 4167): 9, (4, 6): 3, (16, 391): 17}
+    for (wanted, per_epoch), steps in cases.items():
+        assert execution_steps(wanted, per_epoch) == steps, (wanted, per_epoch)
+        assert per_epoch % steps == 0
+
+
 @pytest.mark.parametrize("start", [0, 3])
 def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_order(start):
     """In a real ``fit`` (one iterator for all epochs, the backend
