@@ -81,14 +81,16 @@ def execution_steps(wanted: int, per_epoch: int) -> int:
     the endless training batches (:class:`stages.feeder.ScaledBatches`) a
     call that ran on past an epoch's end would train on the next epoch's
     first batches in this one. The largest divisor up to ``wanted``; where
-    that is under half of it (47 batches an epoch have only 1 and 47), the
-    smallest divisor above it, up to 4 times ``wanted``. The same batches and
-    updates either way, only grouped differently."""
+    that is under half of it (211 batches an epoch have only 1 and 211), the
+    smallest divisor above it. Both backends run a call's steps one batch at
+    a time (TensorFlow in a graph loop, JAX from Python), so a large call
+    costs no memory or compile time; only batch-level callbacks run less
+    often. The same batches and updates either way."""
     divisors = [steps for steps in range(1, per_epoch + 1) if per_epoch % steps == 0]
     below = max(steps for steps in divisors if steps <= wanted)
     if 2 * below >= min(wanted, per_epoch):
         return below
-    return next((steps for steps in divisors if wanted < steps <= 4 * wanted), below)
+    return next(steps for steps in divisors if steps > wanted)
 
 
 def compiled_model(name: str, exp: Experiment, image_shape, num_classes: int, steps_per_epoch: int, epochs: int,
