@@ -26,10 +26,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
-# oneDNN runs its share of each op on the calling thread too, instead of handing every part to the
-# pool and waiting: 3-4% fewer CPU-seconds an epoch on two cores, the same results bit for bit
-# (docs/benchmarks.md)
-os.environ.setdefault("TF_ONEDNN_THREADPOOL_USE_CALLER_THREAD", "1")
 
 import keras  # noqa: E402
 
