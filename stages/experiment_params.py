@@ -55,9 +55,9 @@ class Training(_Strict):
     # steps and updates. On TensorFlow they run in one graph loop, so fewer
     # Python round trips (docs/benchmarks.md). A call ends on an epoch's end,
     # so the number used divides an epoch's batches: the largest up to this
-    # one, or where that is under half of it the smallest above
-    # Unset: 16 on one device, 1 with data_parallel (TensorFlow's
-    # MirroredStrategy fails with more)
+    # one, or where that is under half of it the smallest above. Unset: 16
+    # on one device, 1 with data_parallel (TensorFlow's MirroredStrategy
+    # fails with more)
     steps_per_execution: Positive | None = None
     # update the weights every N batches with their mean gradient: the optimizer
     # sees batch_size x N images a step while only batch_size are in memory

@@ -26,11 +26,12 @@ class ScaledBatches(keras.utils.PyDataset):
     permutation seeded from ``(seed, epoch)``. ``fit`` is given
     ``steps_per_epoch=per_epoch``, so Keras keeps one iterator for the whole
     training instead of one per epoch (on TensorFlow, ending a ``tf.data``
-    iterator can wait up to 10 s for its autotuning thread), and prefetching
-    across an epoch's end draws the next epoch's batches, as an uninterrupted
-    or resumed run does. Each call into the backend must then end on an
-    epoch's end: :func:`stages.training.execution_steps`. Without ``seed`` (validation): one
-    epoch, in order.
+    iterator waits for its autotuning thread: about 10 s at some epochs,
+    once at the end instead; docs/benchmarks.md), and prefetching across an
+    epoch's end draws the next epoch's batches, as an uninterrupted or
+    resumed run does. Each call into the backend must then end on an
+    epoch's end: :func:`stages.training.execution_steps`. Without ``seed``
+    (validation): one epoch, in order.
 
     Data-parallel (``placement``): the order is cut so that the last batch
     splits over the devices, and a process of several yields only its share
