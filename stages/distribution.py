@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ class Placement:
         split into ``batch_multiple`` equal shares: the last, partial batch is
         cut to a multiple (``batch_size`` itself is one, see ``_check_batch``)."""
         return count - (count % batch_size) % self.batch_multiple
+
+    def batches(self, count: int, batch_size: int) -> int:
+        """The batches an epoch of ``count`` rows makes (:meth:`usable_rows`,
+        the last one partial): what the feeder yields an epoch and the
+        optimizer's schedule and the calls into the backend count on."""
+        return math.ceil(self.usable_rows(count, batch_size) / batch_size)
 
     def share(self, rows):
         """This process's part of a global batch's ``rows`` (all of them in one process)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 
@@ -43,7 +41,7 @@ class ScaledBatches(keras.utils.PyDataset):
         self.arrays, self.batch_size, self.image_targets = arrays, batch_size, image_targets
         self.seed, self.epoch, self.placement = seed, epoch, placement
         self.rows = placement.usable_rows(len(arrays), batch_size)
-        self.per_epoch = math.ceil(self.rows / batch_size)
+        self.per_epoch = placement.batches(len(arrays), batch_size)
         self._orders: dict[int, np.ndarray] = {}  # the last two epochs drawn from (prefetching crosses ends)
         self._spare = None  # a batch to answer prefetching after release()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -142,8 +141,7 @@ def starting_model(name: str, exp: Experiment, data: ExperimentData, train_array
                     checkpoint.fingerprint)
     placement.agree(f"the epoch to resume from ({checkpoint.folder}/ must be one shared folder, the same copy on "
                     "every host, or absent on every host)", start)
-    batch_size = exp.training.batch_size
-    steps = math.ceil(placement.usable_rows(len(train_arrays), batch_size) / batch_size)
+    steps = placement.batches(len(train_arrays), exp.training.batch_size)
     model = compiled_model(name, exp, train_arrays.x.shape[1:], len(data.class_names), steps, epochs, train_arrays.y)
     if start:
         log.info("train %s: resuming from checkpoint after epoch %d of %d", name, start, epochs)
