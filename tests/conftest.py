@@ -1,5 +1,5 @@
 """Shared fixtures: a project folder with params.yaml, a real HTTP server on
-127.0.0.1, and every test's os.environ put back as it found it."""
+127.0.0.1, and every test's os.environ and MLflow store put back as it found them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import functools
 import http.server
 import os
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -27,6 +28,17 @@ def _environment_put_back():
     if dict(os.environ) != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_put_back():
+    """A stage run in-process points MLflow at its store with
+    ``mlflow.set_tracking_uri``, which outranks ``MLFLOW_TRACKING_URI``: left
+    set, a later test's ``MlflowClient()`` wrote into that store instead of
+    its own (an experiment "e" then already existed)."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
