@@ -325,21 +325,44 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each kind of thread of a live process,
+    by the thread's name with its trailing number dropped (``tf_data_private_threadpool``,
+    ``python``...): where a process spends its CPU. Threads gone are not counted."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    kinds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = re.sub(r"[-_ ]?\d+$", "", (task / "comm").read_text().strip()) or "?"
+        except OSError:
+            continue
+        kinds[name] = kinds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return kinds
+
+
+def thread_use(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each kind of thread used between two :func:`thread_cpu` readings."""
+    return {name: round(after[name] - before.get(name, 0.0), 3) for name in after
+            if after[name] - before.get(name, 0.0) > 0}
+
+
 def take_turns(children: dict[str, tuple[int, int, int]], rounds: int) -> dict[str, dict[str, list]]:
     """Give each child (name: go pipe, done pipe, pid) one turn a round,
     alternating the order every round (A B, B A, A B, ...); return each
-    child's turns: wall seconds and the CPU seconds its process used in them
-    (None where unknown). A turn ends when the child asks for the next one or
-    exits (its pipe closes); a child that exits is given no more turns."""
+    child's turns: wall seconds, the CPU seconds its process used in them
+    (None where unknown) and those by kind of thread (:func:`thread_cpu`).
+    A turn ends when the child asks for the next one or exits (its pipe
+    closes); a child that exits is given no more turns."""
     names = list(children)
-    turns: dict[str, dict[str, list]] = {name: {"wall": [], "cpu": []} for name in names}
+    turns: dict[str, dict[str, list]] = {name: {"wall": [], "cpu": [], "threads": []} for name in names}
     finished: set[str] = set()
     for round_ in range(rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
             if name in finished:
                 continue
             go, done, pid = children[name]
-            cpu_before = cpu_seconds(pid)
+            cpu_before, threads_before = cpu_seconds(pid), thread_cpu(pid)
             started = time.perf_counter()
             try:
                 os.write(go, b".")
@@ -350,6 +373,7 @@ def take_turns(children: dict[str, tuple[int, int, int]], rounds: int) -> dict[s
             turns[name]["wall"].append(time.perf_counter() - started)
             cpu_after = cpu_seconds(pid)
             turns[name]["cpu"].append(None if None in (cpu_before, cpu_after) else cpu_after - cpu_before)
+            turns[name]["threads"].append(thread_use(threads_before, thread_cpu(pid)))
             log.info("round %d: %s %.2f s", round_, name, turns[name]["wall"][-1])
             if answer != b".":
                 finished.add(name)
@@ -424,6 +448,7 @@ def interleaved(name: str, script: str, params: dict, files: dict[str, Path], ep
             raise SystemExit(f"bench_train: {who} failed:\n{text[-3000:]}")
         result[who] = {"turn_s": [round(t, 3) for t in turns[who]["wall"]],
                        "turn_cpu_s": [None if t is None else round(t, 2) for t in turns[who]["cpu"]],
+                       "threads_median_cpu_s": threads_median(turns[who]["threads"]),
                        "peak_rss_mib": rusage.ru_maxrss // 1024}
         if who == "ours":  # inside its turns
             result[who].update(after_epoch(EPOCH_LINE.findall(text)))
@@ -431,6 +456,15 @@ def interleaved(name: str, script: str, params: dict, files: dict[str, Path], ep
     if None not in turns["seed"]["cpu"][:-1] + turns["ours"]["cpu"][:-1]:
         result["cpu"] = paired(turns["seed"]["cpu"], turns["ours"]["cpu"])
     return result
+
+
+def threads_median(turns: list[dict[str, float]]) -> dict[str, float]:
+    """Each kind of thread's median CPU seconds a turn over the rounds
+    :func:`paired` keeps (0 in a turn where it did not run), largest first."""
+    kept = turns[1:-1] or turns
+    names = {name for turn in kept for name in turn}
+    medians = {name: round(statistics.median(turn.get(name, 0.0) for turn in kept), 3) for name in names}
+    return dict(sorted(medians.items(), key=lambda item: -item[1]))
 
 
 def summarise(result: dict, images: int) -> dict:
