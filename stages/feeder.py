@@ -1,4 +1,9 @@
-"""The batches ``model.fit`` trains on, made from the uint8 arrays on demand."""
+"""The batches ``model.fit`` trains on, made from the uint8 arrays on demand.
+
+:class:`ScaledBatches` defines them (which rows, in which order, scaled how)
+and feeds every backend; on TensorFlow :func:`tf_batches` makes the same
+batches, bit for bit, inside a ``tf.data`` pipeline (:func:`for_fit` picks).
+"""
 
 from __future__ import annotations
 
@@ -87,6 +92,72 @@ class ScaledBatches(keras.utils.PyDataset):
         if self.image_targets:
             return x, gather_scaled(self.arrays.y, rows)
         return x, gather(self.arrays.y, rows)
+
+
+def fit_data(train: Arrays, val: Arrays, batch_size: int, image_targets: bool, seed: int | None, start: int,
+             epochs: int, placement: distribution.Placement = distribution.ONE, data_on_device: bool = False):
+    """``model.fit``'s training and validation data (:func:`for_fit`; first
+    copied to the device with ``data_on_device``) and what to let go of once
+    fit is done with them (each has ``release()``). On TensorFlow, which
+    holds its own copy, the arrays (``train`` and ``val`` too) are let go at once."""
+    given = (train, val)
+    if data_on_device:
+        train, val = on_device(train), on_device(val)
+    batches = for_fit(train, batch_size, image_targets, seed, start, epochs, placement)
+    validation = for_fit(val, batch_size, image_targets, placement=placement)
+    holders = (*given, train, val)
+    if isinstance(batches, ScaledBatches):
+        return batches, validation, (batches, validation, *holders)
+    for arrays in holders:
+        arrays.release()
+    return batches, validation, ()
+
+
+def for_fit(arrays: Arrays, batch_size: int, image_targets: bool, seed: int | None = None, epoch: int = 0,
+            epochs: int | None = None, placement: distribution.Placement = distribution.ONE):
+    """What ``model.fit`` is given for ``arrays``: with ``seed``, the training
+    batches of epochs ``epoch`` to ``epochs - 1``; without, the validation
+    batches. On TensorFlow :func:`tf_batches`, elsewhere :class:`ScaledBatches`."""
+    if keras.backend.backend() == "tensorflow" and placement.processes == 1:
+        return tf_batches(arrays, batch_size, image_targets, seed, epoch, epochs)
+    return ScaledBatches(arrays, batch_size, image_targets, seed, epoch, placement)
+
+
+def tf_batches(arrays: Arrays, batch_size: int, image_targets: bool, seed: int | None = None, epoch: int = 0,
+               epochs: int | None = None):
+    """The batches of :class:`ScaledBatches` (training ones, from ``epoch`` to
+    ``epochs - 1``, with ``seed``; one epoch in order without), made by a
+    ``tf.data`` pipeline that gathers the rows from uint8 tensors and scales
+    them with the same float32 product. Keras on TensorFlow feeds a
+    ``PyDataset`` through ``tf.data``'s ``from_generator``, which cost about
+    0.1 s of both cores per batch (``cifar10_cnn``: 12% more CPU an epoch
+    than the seed's arrays; docs/benchmarks.md); here no Python runs per
+    batch. TensorFlow holds its own copy of the images (the caller may let
+    its arrays go) and the order of every epoch as int32 rows, computed up
+    front by :meth:`ScaledBatches.order`. The autotuner is off (a fixed
+    prefetch of two batches): ending its iterator then waits for nothing."""
+    import tensorflow as tf
+
+    source = ScaledBatches(arrays, batch_size, image_targets, seed, epoch)
+    last = epochs if seed is not None else epoch + 1
+    epochs_orders = [source.order(e) for e in range(epoch, last)]  # none when resuming after the last epoch
+    orders = np.array(epochs_orders, np.int32).reshape(len(epochs_orders), source.rows)
+    x = tf.convert_to_tensor(arrays.x)
+    y = x if arrays.y is arrays.x else tf.convert_to_tensor(arrays.y)
+
+    def batch(rows):
+        images = tf.cast(tf.gather(x, rows), "float32") * UNIT_SCALE
+        if y is x:
+            return images, images
+        targets = tf.gather(y, rows)
+        return images, tf.cast(targets, "float32") * UNIT_SCALE if image_targets else targets
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    epochs_rows = tf.data.Dataset.from_tensor_slices(orders)
+    rows = epochs_rows.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+    return rows.map(batch).prefetch(2).with_options(options)
 
 
 def gather(array, rows: np.ndarray):

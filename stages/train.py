@@ -33,7 +33,7 @@ from stages.callbacks import Checkpointing, EpochLog, History, ImageLog, LetGo, 
 from stages.checkpoint import Checkpoint, State, fingerprint, folder_for  # noqa: E402
 from stages.experiment_data import Arrays, ExperimentData, data_path, split_files  # noqa: E402
 from stages.experiment_params import Experiment  # noqa: E402
-from stages.feeder import ScaledBatches, on_device  # noqa: E402
+from stages.feeder import fit_data  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
 from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, log_split, run_tags,  # noqa: E402
                                save_run_ref, system_metrics_wanted, tracked_run)
@@ -46,23 +46,22 @@ log = logging.getLogger("stages.train")
 def fit(name: str, exp: Experiment, train: Arrays, val: Arrays, model: keras.Model, start: int, epochs: int,
         callbacks: list, guard: NanGuard, placement: distribution.Placement = distribution.ONE) -> None:
     """Train epochs ``start..epochs-1`` in one ``model.fit``. The images are
-    let go at the last epoch's end, before ``callbacks`` run for it."""
+    let go at the last epoch's end, before ``callbacks`` run for it; on
+    TensorFlow, which holds its own copy, before training starts."""
     batch_size, image_targets = exp.training.batch_size, exp.task == "autoencoder"
     left_out = [count - placement.usable_rows(count, batch_size) for count in (len(train), len(val))]
     if any(left_out):
         log.warning("train %s: the last batch must split evenly over %d devices: %d of the training images (a "
                     "different few each epoch) and %d of the validation images are left out of every epoch",
                     name, placement.replicas, *left_out)
-    given = (train, val)
+    per_epoch = placement.batches(len(train), batch_size)
     if exp.training.data_on_device:
-        train, val = on_device(train), on_device(val)
         log.info("train %s: %d train and %d validation images copied to the device (%s)",
                  name, len(train), len(val), keras.backend.backend())
-    batches = ScaledBatches(train, batch_size, image_targets, exp.training.seed, start, placement)
-    validation = ScaledBatches(val, batch_size, image_targets, placement=placement)
-    holders = (batches, validation, *given, train, val)  # the caller's arrays, and their device copies
+    batches, validation, holders = fit_data(train, val, batch_size, image_targets, exp.training.seed, start, epochs,
+                                            placement, exp.training.data_on_device)
     try:
-        model.fit(batches, epochs=epochs, initial_epoch=start, steps_per_epoch=batches.per_epoch, shuffle=False,
+        model.fit(batches, epochs=epochs, initial_epoch=start, steps_per_epoch=per_epoch, shuffle=False,
                   validation_data=validation, callbacks=[guard, LetGo(epochs, holders), *callbacks],
                   verbose=1 if sys.stderr.isatty() else 0)  # Keras' bar on a terminal; our line per epoch always
     finally:

@@ -5,7 +5,7 @@ import pytest
 
 from stages.distribution import Placement
 from stages.experiment_data import Arrays
-from stages.feeder import ScaledBatches, on_device
+from stages.feeder import ScaledBatches, for_fit, on_device, tf_batches
 from stages.images import to_unit_float
 
 
@@ -72,13 +72,15 @@ def test_calls_into_the_backend_end_on_an_epochs_end():
         assert per_epoch % steps == 0
 
 
+@pytest.mark.parametrize("feeder", ["PyDataset", "for_fit"])
 @pytest.mark.parametrize("start", [0, 3])
-def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_order(start):
+def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_order(start, feeder):
     """In a real ``fit`` (one iterator for all epochs, the backend
     prefetching across their ends, calls of 3 batches), epoch *e* trains on
     exactly the batches of the order seeded from (seed, e), each once, also
     when it starts at a later epoch (a resumed run); the validation batches
-    keep their order. The model itself records what it is given."""
+    keep their order. The model itself records what it is given: through
+    the PyDataset and through what the stage gives ``fit`` on this backend."""
     import keras
 
     from stages.training import execution_steps
@@ -102,14 +104,21 @@ def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_
     inputs = keras.Input((1, 1, 1))
     outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(Record()(inputs)))
     model = keras.Model(inputs, outputs)
-    batches, validation = ScaledBatches(Arrays(x, labels), 2, False, seed=3, epoch=start), \
-        ScaledBatches(Arrays(x, labels), 5, False)
-    assert execution_steps(4, batches.per_epoch) == 3  # 6 batches an epoch: calls of 3, not 4
+    per_epoch = 6
+    if feeder == "PyDataset":
+        batches, validation = ScaledBatches(Arrays(x, labels), 2, False, seed=3, epoch=start), \
+            ScaledBatches(Arrays(x, labels), 5, False)
+        assert batches.per_epoch == per_epoch
+    else:
+        batches, validation = for_fit(Arrays(x, labels), 2, False, seed=3, epoch=start, epochs=5), \
+            for_fit(Arrays(x, labels), 5, False)
+    assert execution_steps(4, per_epoch) == 3  # 6 batches an epoch: calls of 3, not 4
     model.compile("sgd", "sparse_categorical_crossentropy", run_eagerly=True,
-                  steps_per_execution=execution_steps(4, batches.per_epoch))
-    model.fit(batches, epochs=5, initial_epoch=start, steps_per_epoch=batches.per_epoch, validation_data=validation,
+                  steps_per_execution=execution_steps(4, per_epoch))
+    model.fit(batches, epochs=5, initial_epoch=start, steps_per_epoch=per_epoch, validation_data=validation,
               callbacks=[Epoch()], shuffle=False, verbose=0)
-    batches.release(), validation.release()  # TensorFlow keeps the datasets fit was given
+    if feeder == "PyDataset":
+        batches.release(), validation.release()  # TensorFlow keeps the datasets fit was given
     marks = [at for at, entry in enumerate(seen) if entry[0] == "epoch"]
     assert [seen[at][1] for at in marks] == list(range(start, 5))
     for at, end in zip(marks, [*marks[1:], len(seen)]):
@@ -118,6 +127,33 @@ def test_fit_trains_each_epoch_on_its_own_order_from_any_start_and_validates_in_
         np.testing.assert_array_equal(trained, to_unit_float(x[_order(3, epoch, 12)]).ravel())
         validated = np.concatenate([pixels for kind, pixels in seen[at + 1:end] if kind == "val"])
         np.testing.assert_array_equal(validated, to_unit_float(x).ravel())
+
+
+@pytest.mark.parametrize("targets", ["labels", "images", "itself"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_tensorflow_pipeline_makes_the_pydatasets_batches_bit_for_bit(targets, start):
+    """tf_batches: every batch of every epoch from ``start`` on (the last
+    of each short), then the validation batches, equal to ScaledBatches'
+    bit for bit, with the same dtypes; nothing after the last epoch."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (11, 3, 2, 3), dtype=np.uint8)
+    y = {"labels": np.arange(11) % 4, "images": rng.integers(0, 256, (11, 3, 2, 3), dtype=np.uint8),
+         "itself": x}[targets]
+    arrays, image_targets = Arrays(x, y), targets != "labels"
+    reference = ScaledBatches(arrays, 4, image_targets, seed=5, epoch=start)
+    made = [tuple(np.asarray(part) for part in batch)
+            for batch in tf_batches(arrays, 4, image_targets, seed=5, epoch=start, epochs=4)]
+    assert len(made) == (4 - start) * reference.per_epoch == (4 - start) * 3
+    for index, (got, wanted) in enumerate(zip(made, (reference[i] for i in range(len(made))))):
+        for part_got, part_wanted in zip(got, wanted):
+            assert part_got.dtype == part_wanted.dtype, index
+            np.testing.assert_array_equal(part_got, part_wanted, err_msg=f"batch {index}")
+    validation = ScaledBatches(arrays, 4, image_targets)
+    made = list(tf_batches(arrays, 4, image_targets))
+    assert len(made) == len(validation) == 3
+    for got, wanted in zip(made, (validation[i] for i in range(3))):
+        for part_got, part_wanted in zip(got, wanted):
+            np.testing.assert_array_equal(np.asarray(part_got), part_wanted)
 
 
 def test_data_parallel_batches_split_evenly_and_each_process_gets_its_share():
