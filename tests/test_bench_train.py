@@ -159,6 +159,35 @@ def test_cpu_seconds_counts_this_process_work(bench):
     assert bench.cpu_seconds(os.getpid()) - before >= 0.25  # /proc counts in 10 ms ticks
 
 
+def test_thread_cpu_names_the_thread_that_worked_and_the_median_keeps_the_middle_rounds(bench):
+    """A named thread's busy loop shows under its name (the trailing number
+    dropped), not under the main thread's; the median is taken over the
+    rounds paired() keeps, 0 where a kind did not run."""
+    import threading
+    import time
+
+    def spin():
+        own = time.thread_time()
+        while time.thread_time() - own < 0.3:
+            pass
+
+    before = bench.thread_cpu(os.getpid())
+    worker = threading.Thread(target=spin)
+    worker.start()
+    while worker.native_id is None:
+        time.sleep(0.001)
+    Path(f"/proc/self/task/{worker.native_id}/comm").write_text("spinner_7")
+    time.sleep(0.05)  # the loop runs; the readings below come while it is alive
+    while worker.is_alive() and bench.thread_cpu(os.getpid()).get("spinner", 0) < 0.25:
+        time.sleep(0.01)
+    used = bench.thread_use(before, bench.thread_cpu(os.getpid()))
+    worker.join()
+    assert used["spinner"] >= 0.25, used  # /proc counts in 10 ms ticks
+    assert used.get("python", 0) < used["spinner"], used  # the main thread mostly slept
+    rounds = [{"a": 9.0}, {"a": 1.0, "b": 2.0}, {"a": 3.0}, {"a": 2.0, "b": 4.0}, {"a": 9.0, "b": 9.0}]
+    assert bench.threads_median(rounds) == {"a": 2.0, "b": 2.0}  # rounds 2-4; b: 2, 0, 4
+
+
 def test_a_child_that_dies_gets_no_more_turns_and_nothing_hangs(bench, tmp_path):
     processes, children, log = _children(bench, tmp_path, [("A", "0.01,0.01,0.01,0.01", 1),
                                                           ("B", "0.01,0.01,0.01,0.01", -1)])
