@@ -155,8 +155,11 @@ def tf_batches(arrays: Arrays, batch_size: int, image_targets: bool, seed: int |
     options = tf.data.Options()
     options.autotune.enabled = False
     options.deterministic = True
-    epochs_rows = tf.data.Dataset.from_tensor_slices(orders)
-    rows = epochs_rows.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+    if seed is None:  # one epoch, its batches counted: Keras knows where validation ends
+        rows = tf.data.Dataset.from_tensor_slices(orders[0]).batch(batch_size)
+    else:
+        epochs_rows = tf.data.Dataset.from_tensor_slices(orders)
+        rows = epochs_rows.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
     return rows.map(batch).prefetch(2).with_options(options)
 
 

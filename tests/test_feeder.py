@@ -149,7 +149,9 @@ def test_tensorflow_pipeline_makes_the_pydatasets_batches_bit_for_bit(targets, s
             assert part_got.dtype == part_wanted.dtype, index
             np.testing.assert_array_equal(part_got, part_wanted, err_msg=f"batch {index}")
     validation = ScaledBatches(arrays, 4, image_targets)
-    made = list(tf_batches(arrays, 4, image_targets))
+    dataset = tf_batches(arrays, 4, image_targets)
+    assert int(dataset.cardinality()) == 3  # counted: Keras' evaluate knows where it ends (no "ran out of data")
+    made = list(dataset)
     assert len(made) == len(validation) == 3
     for got, wanted in zip(made, (validation[i] for i in range(3))):
         for part_got, part_wanted in zip(got, wanted):
