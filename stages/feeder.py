@@ -86,12 +86,17 @@ class ScaledBatches(keras.utils.PyDataset):
         epoch, step = divmod(index, self.per_epoch)
         order = self.order(self.epoch + epoch)
         rows = self.placement.share(order[step * self.batch_size:(step + 1) * self.batch_size])
-        x = gather_scaled(self.arrays.x, rows)
-        if self.arrays.y is self.arrays.x:  # an autoencoder reconstructing its input: one gather, not two
-            return x, x
-        if self.image_targets:
-            return x, gather_scaled(self.arrays.y, rows)
-        return x, gather(self.arrays.y, rows)
+        return scaled_batch(self.arrays.x, self.arrays.y, rows, self.image_targets)
+
+
+def scaled_batch(x, y, rows, image_targets: bool) -> tuple:
+    """The batch of ``rows``: inputs scaled, targets scaled when they are
+    images; NumPy arrays, or backend tensors (rows may then be symbolic, as
+    in a ``tf.data`` map)."""
+    images = gather_scaled(x, rows)
+    if y is x:  # an autoencoder reconstructing its input: one gather, not two
+        return images, images
+    return images, gather_scaled(y, rows) if image_targets else gather(y, rows)
 
 
 def fit_data(train: Arrays, val: Arrays, batch_size: int, image_targets: bool, seed: int | None, start: int,
@@ -145,13 +150,6 @@ def tf_batches(arrays: Arrays, batch_size: int, image_targets: bool, seed: int |
     x = tf.convert_to_tensor(arrays.x)
     y = x if arrays.y is arrays.x else tf.convert_to_tensor(arrays.y)
 
-    def batch(rows):
-        images = tf.cast(tf.gather(x, rows), "float32") * UNIT_SCALE
-        if y is x:
-            return images, images
-        targets = tf.gather(y, rows)
-        return images, tf.cast(targets, "float32") * UNIT_SCALE if image_targets else targets
-
     options = tf.data.Options()
     options.autotune.enabled = False
     options.deterministic = True
@@ -160,7 +158,7 @@ def tf_batches(arrays: Arrays, batch_size: int, image_targets: bool, seed: int |
     else:
         epochs_rows = tf.data.Dataset.from_tensor_slices(orders)
         rows = epochs_rows.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
-    return rows.map(batch).prefetch(2).with_options(options)
+    return rows.map(lambda batch: scaled_batch(x, y, batch, image_targets)).prefetch(2).with_options(options)
 
 
 def gather(array, rows: np.ndarray):
@@ -169,9 +167,10 @@ def gather(array, rows: np.ndarray):
 
 
 def gather_scaled(images, rows: np.ndarray):
-    """``to_unit_float(images[rows])``; for uint8 images already on the
-    device (a backend tensor, see ``on_device``) gathered and scaled there,
-    with the same float32 product, so the batch is bit for bit the same."""
+    """``to_unit_float(images[rows])``; for uint8 images held by the backend
+    (on the device, see ``on_device``, or in :func:`tf_batches`' pipeline)
+    gathered and scaled there, with the same float32 product, so the batch
+    is bit for bit the same."""
     if isinstance(images, np.ndarray):
         return to_unit_float(images[rows])
     return keras.ops.multiply(keras.ops.cast(gather(images, rows), "float32"), UNIT_SCALE)
