@@ -316,28 +316,34 @@ def spawn_with_turns(cmd: list[str], cwd: Path, env: dict, output) -> tuple[subp
     return process, go_write, done_read
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+def stat_cpu_seconds(stat: Path) -> float | None:
+    """User + system CPU seconds from a ``/proc`` ``stat`` file (a process's,
+    all its threads, or one thread's under ``task/``); None if it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each kind of thread of a live process,
     by the thread's name with its trailing number dropped (``tf_data_private_threadpool``,
     ``python``...): where a process spends its CPU. Threads gone are not counted."""
-    ticks = os.sysconf("SC_CLK_TCK")
     kinds: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             name = re.sub(r"[-_ ]?\d+$", "", (task / "comm").read_text().strip()) or "?"
         except OSError:
             continue
-        kinds[name] = kinds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        seconds = stat_cpu_seconds(task / "stat")
+        if seconds is not None:
+            kinds[name] = kinds.get(name, 0.0) + seconds
     return kinds
 
 
