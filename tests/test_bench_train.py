@@ -166,10 +166,13 @@ def test_thread_cpu_names_the_thread_that_worked_and_the_median_keeps_the_middle
     import threading
     import time
 
+    read = threading.Event()
+
     def spin():
         own = time.thread_time()
         while time.thread_time() - own < 0.3:
             pass
+        read.wait(10)  # alive until it is read: a thread gone is not counted
 
     before = bench.thread_cpu(os.getpid())
     worker = threading.Thread(target=spin)
@@ -177,10 +180,11 @@ def test_thread_cpu_names_the_thread_that_worked_and_the_median_keeps_the_middle
     while worker.native_id is None:
         time.sleep(0.001)
     Path(f"/proc/self/task/{worker.native_id}/comm").write_text("spinner_7")
-    time.sleep(0.05)  # the loop runs; the readings below come while it is alive
-    while worker.is_alive() and bench.thread_cpu(os.getpid()).get("spinner", 0) < 0.25:
+    deadline = time.monotonic() + 10
+    while bench.thread_cpu(os.getpid()).get("spinner", 0) < 0.25 and time.monotonic() < deadline:
         time.sleep(0.01)
     used = bench.thread_use(before, bench.thread_cpu(os.getpid()))
+    read.set()
     worker.join()
     assert used["spinner"] >= 0.25, used  # /proc counts in 10 ms ticks
     assert used.get("python", 0) < used["spinner"], used  # the main thread mostly slept
