@@ -105,6 +105,22 @@ def test_grids_expand_run_in_the_queue_and_compare_side_by_side(project):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     classifiers = client.get_experiment_by_name("classifiers")
     runs = client.search_runs([classifiers.experiment_id], "tags.dvc_exp_name LIKE 'g-%'")
-    assert {(r.data.tags["dvc_exp_name"], r.data.params["training.batch_size"], r.data.params["training.epochs"])
-            for r in runs} == {("g-2", "4", "2"), ("g-3", "2", "1")}
+    logged = {(r.data.tags["dvc_exp_name"], r.data.params["training.batch_size"], r.data.params["training.epochs"])
+              for r in runs}
+    assert logged == {("g-2", "4", "2"), ("g-3", "2", "1")}, _what_the_queue_did(project, client)
     # g-1 has the baseline's params: DVC found nothing to run, and its results are the baseline's
+
+
+def _what_the_queue_did(root, client) -> str:
+    """For a failure: every MLflow run with its tags, and each experiment's output from ``dvc queue logs``."""
+    lines = []
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time"]):
+            tags = {k: v for k, v in r.data.tags.items() if not k.startswith(("mlflow.", "data_md5", "machine"))}
+            lines.append(f"run {exp.name} {r.info.run_name} {r.info.status} start={r.info.start_time} {tags} "
+                         f"batch={r.data.params.get('training.batch_size')} "
+                         f"epochs={r.data.params.get('training.epochs')}")
+    for name in ("g-1", "g-2", "g-3"):
+        logs = run_dvc(root, "queue", "logs", name, check=False)
+        lines.append(f"--- dvc queue logs {name} (rc {logs.returncode}):\n{logs.stdout}{logs.stderr}")
+    return "\n".join(lines)
