@@ -23,7 +23,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -261,9 +261,17 @@ def scratch_project(folder: Path, params: dict) -> Path:
     return folder
 
 
-def timed(cmd: list[str], cwd: Path, env: dict, watch=None) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (MiB) and stderr+stdout of one child process;
-    it failing stops the benchmark with its output's end.
+class Measured(NamedTuple):
+    """One child process: wall and CPU seconds (user + system), peak RSS (MiB), its output."""
+    wall_s: float
+    cpu_s: float
+    peak_mib: int
+    output: str
+
+
+def measured(cmd: list[str], cwd: Path, env: dict, watch=None) -> Measured:
+    """Run one child process and measure it (:class:`Measured`); it failing stops
+    the benchmark with its output's end.
 
     ``watch``, if given, is called with the child's pid once it has started and
     returns a context manager that is held while the child runs."""
@@ -280,4 +288,10 @@ def timed(cmd: list[str], cwd: Path, env: dict, watch=None) -> tuple[float, int,
         text = output.read()
     if process.returncode != 0:
         raise SystemExit(f"benchmark: {' '.join(cmd)} failed in {cwd} ({process.returncode}):\n{text[-3000:]}")
-    return elapsed, usage.ru_maxrss // 1024, text
+    return Measured(elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, text)
+
+
+def timed(cmd: list[str], cwd: Path, env: dict, watch=None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (MiB) and stderr+stdout of one child process (:func:`measured`)."""
+    run = measured(cmd, cwd, env, watch)
+    return run.wall_s, run.peak_mib, run.output

@@ -26,20 +26,18 @@ import logging
 import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
+from stages.keras_start import keras  # before any other import of Keras: see there
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import stages.recipes  # noqa: E402,F401 - registers the schedules and loss that saved models name
-from stages import atomic, cli, corruptions, metrics, params as params_mod, plots  # noqa: E402
-from stages.errors import PipelineError  # noqa: E402
-from stages.experiment_data import Arrays, ExperimentData, split_files  # noqa: E402
-from stages.images import to_unit_float  # noqa: E402
-from stages.mlflow_run import load_run_ref, log_split, tracked_run  # noqa: E402
-from stages.mlflow_store import EXPERIMENTS, failures  # noqa: E402
-from stages.models import latent_shape  # noqa: E402
-from stages.promotion import describe, promote  # noqa: E402
+import stages.recipes  # noqa: F401 - registers the schedules and loss that saved models name
+from stages import atomic, cli, corruptions, metrics, params as params_mod, plots
+from stages.errors import PipelineError
+from stages.experiment_data import Arrays, ExperimentData, split_files
+from stages.images import to_unit_float
+from stages.mlflow_run import load_run_ref, log_split, tracked_run
+from stages.mlflow_store import EXPERIMENTS, failures
+from stages.models import latent_shape
+from stages.promotion import describe, promote
 
 log = logging.getLogger("stages.evaluate")
 

@@ -19,26 +19,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter; errors still raise
+from stages.keras_start import keras  # before any other import of Keras: see there
 
-import keras  # noqa: E402
-
-from stages import atomic, cli, distribution, params as params_mod, provenance  # noqa: E402
-from stages.callbacks import Checkpointing, EpochLog, History, ImageLog, LetGo, MlflowMetrics, NanGuard  # noqa: E402
-from stages.checkpoint import Checkpoint, State, fingerprint, folder_for  # noqa: E402
-from stages.experiment_data import Arrays, ExperimentData, data_path, split_files  # noqa: E402
-from stages.experiment_params import Experiment  # noqa: E402
-from stages.feeder import fit_data  # noqa: E402
-from stages.images import to_unit_float  # noqa: E402
-from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, log_split, run_tags,  # noqa: E402
+from stages import atomic, cli, distribution, params as params_mod, provenance
+from stages.callbacks import Checkpointing, EpochLog, History, ImageLog, LetGo, MlflowMetrics, NanGuard
+from stages.checkpoint import Checkpoint, State, fingerprint, folder_for
+from stages.experiment_data import Arrays, ExperimentData, data_path, split_files
+from stages.experiment_params import Experiment
+from stages.feeder import fit_data
+from stages.images import to_unit_float
+from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, log_split, run_tags,
                                save_run_ref, system_metrics_wanted, tracked_run)
-from stages.mlflow_store import EXPERIMENTS, TrackingError, describe_failure, failures, tracking_label  # noqa: E402
-from stages.training import compiled_model, configure_backend, epochs_for, one_op_at_a_time  # noqa: E402
+from stages.mlflow_store import EXPERIMENTS, TrackingError, describe_failure, failures, tracking_label
+from stages.training import compiled_model, configure_backend, epochs_for, one_op_at_a_time
 
 log = logging.getLogger("stages.train")
 
