@@ -35,7 +35,7 @@ from stages.images import to_unit_float
 from stages.mlflow_run import (MetricLog, abandon, flatten, log_keras_model, log_split, run_tags,
                                save_run_ref, system_metrics_wanted, tracked_run)
 from stages.mlflow_store import EXPERIMENTS, TrackingError, describe_failure, failures, tracking_label
-from stages.training import compiled_model, configure_backend, epochs_for, one_op_at_a_time
+from stages.training import compiled_model, configure_backend, epochs_for
 
 log = logging.getLogger("stages.train")
 
@@ -195,9 +195,6 @@ def train(name: str, params: params_mod.Params, out: Path, checkpoints: Path) ->
     data = ExperimentData(name, exp)
     train_arrays, val_arrays = data.training()
     epochs, t = epochs_for(exp, params.limits), exp.training
-    if t.distribution == "none" and one_op_at_a_time():
-        log.info("train %s: TensorFlow on the CPU runs one op at a time (TF_NUM_INTEROP_THREADS=0 for its "
-                 "own choice)", name)
     with distribution.setup(t.distribution, t.batch_size, f"experiments.{name}.training") as placement:
         configure_backend(t.seed, t.mixed_precision)
         inputs = sorted({str(data_path(exp.data.input)), str(data_path(exp.data.target))})

@@ -3,8 +3,6 @@ model with its optimizer and loss, and the number of epochs."""
 
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
 
@@ -24,26 +22,6 @@ def configure_backend(seed: int, mixed_precision: bool) -> None:
 
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_precision else "float32")
-
-
-def one_op_at_a_time() -> bool:
-    """On TensorFlow without a GPU, run one op at a time (each op still uses
-    every core) unless ``TF_NUM_INTEROP_THREADS`` is set (``0``: TensorFlow's
-    own choice). With two at a time the ops' buffers overlap at random:
-    ``train@cifar10_cnn`` peaked at 2,091-2,188 MiB over four runs, one at a
-    time at 1,979-1,980 MiB in two, at the same speed (docs/benchmarks.md).
-    Must run before TensorFlow starts its runtime; True if it set the limit."""
-    if keras.backend.backend() != "tensorflow" or "TF_NUM_INTEROP_THREADS" in os.environ:
-        return False
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return False
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:  # the runtime has started (an earlier model in this process): left as it is
-        return False
-    return True
 
 
 def epochs_for(exp: Experiment, limits) -> int:

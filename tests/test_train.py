@@ -635,24 +635,6 @@ def test_the_model_file_is_the_last_checkpoint_zipped_as_keras_zips_it(lab, tmp_
             for info in zipfile.ZipFile(lab / "models/cls/model.keras").infolist()} == members
 
 
-@pytest.mark.parametrize("env, expected", [({}, "True 1"), ({"TF_NUM_INTEROP_THREADS": "0"}, "False 0"),
-                                           ({"STARTED": "1"}, "False 0")])
-def test_tensorflow_on_a_cpu_runs_one_op_at_a_time_unless_told_otherwise(env, expected):
-    """Set before TensorFlow's runtime starts (a fresh process, as a stage
-    is); left alone when the environment names a number or the runtime has
-    started already."""
-    code = ("import os, tensorflow as tf\n"
-            "if os.environ.get('STARTED'): tf.constant(1)\n"
-            "from stages import train\n"
-            "print(train.one_op_at_a_time(), tf.config.threading.get_inter_op_parallelism_threads())\n")
-    base = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTEROP_THREADS"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**base, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "", **env},
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == expected
-
-
 @pytest.mark.parametrize("feed", ["backend's", "PyDataset"])
 def test_fit_lets_the_images_go_before_the_last_epochs_checkpoint(feed, monkeypatch):
     """fit lets the images go before the last checkpoint and the saves after
