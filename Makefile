@@ -57,7 +57,7 @@ repro-offline: setup
 	DATA_MIRROR=$(OFFLINE_MIRROR) $(BIN)/dvc exp run -S datasets.cifar10.source.builtin=cifar10_jpeg
 
 test: setup browser postgres
-	$(BIN)/python -m pytest -n auto --maxprocesses 4
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --maxschedchunk 1
 
 smoke: setup browser postgres
 	$(BIN)/python .ci/smoke.py

@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import bench_module
 import builders
 from dvc_helpers import dvc_env, pets_params
 from test_pipeline import PETS_DAE
+
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 

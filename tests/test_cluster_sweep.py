@@ -23,6 +23,8 @@ from mlflow_server import MlflowServer, metrics, params, tags
 from ray_cluster import RayCluster
 from test_pipeline import PETS_CNN
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 EPOCHS_TO_KILL = 40  # the killed experiment's epochs: enough that the kill lands mid-training
 
 

@@ -23,6 +23,8 @@ import yaml
 from stages.images import save
 from test_train import AE, CLS, _dataset
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # relative, per epoch and metric: only the order of floating-point reductions differs
 

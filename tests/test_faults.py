@@ -12,9 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import builders
 from dvc_helpers import DVC, dvc_env, make_project, pets_params, ran, run_dvc
 from test_pipeline import PETS_CNN
+
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
 
 EPOCHS = 4
 

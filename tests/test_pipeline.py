@@ -13,6 +13,8 @@ import builders
 from dvc_helpers import REPO, git_commit, make_project, pets_params, ran as _ran, run_dvc as _run, wait_for_queue
 from stages.images import load
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 PETS_DAE = {"task": "autoencoder", "data": {"input": "corrupted/pets_noisy", "target": "prepared/pets"},
             "model": {"kind": "conv_autoencoder", "filters": [4], "poolings": 1},
             "training": {"loss": "bce", "epochs": 1, "batch_size": 4}}

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import builders
 from dvc_helpers import dvc_env, git_commit, make_project, pets_params, ran, run_dvc
+
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
 
 CNN = {"task": "classifier", "data": {"input": "prepared/pets", "target": "prepared/pets"},
        "model": {"kind": "cnn", "conv": [{"filters": 4}], "dense": [8]},

@@ -24,6 +24,8 @@ from stages import train as train_mod
 from stages.images import to_unit_float
 from test_train import AE, CLS, _dataset, _params, lab  # noqa: F401 - lab: the fixture
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
 

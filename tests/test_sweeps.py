@@ -15,6 +15,8 @@ import builders
 from dvc_helpers import REPO, dvc_env, git_commit, make_project, pets_params, run_dvc, wait_for_queue
 from test_pipeline import PETS_CNN
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 TRAINING = "experiments.pets_cnn.training"
 
 

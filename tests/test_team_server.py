@@ -31,6 +31,8 @@ from mlflow_server import TeamServer, metrics, params, tags
 from test_pipeline import PETS_CNN
 from test_train import CLS, _toy_lab, _train_process, _wait_for_state
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 

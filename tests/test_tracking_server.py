@@ -22,6 +22,8 @@ from test_pipeline import PETS_CNN
 import test_train
 from test_train import AE, CLS, _params, _toy_lab, _train_process, _wait_for_state
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 lab = test_train.lab  # the fixture: a project with a tiny prepared dataset
 
 

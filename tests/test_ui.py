@@ -14,6 +14,8 @@ from dvc_helpers import dvc_env, make_project, pets_params, run_dvc
 from mlflow_server import MlflowServer
 from test_pipeline import PETS_DAE
 
+pytestmark = pytest.mark.heavy  # real pipelines, servers or clusters: scheduled first (conftest.py)
+
 if ui_check.chromium_path() is None and not os.environ.get("CI"):
     pytest.skip("no Chromium here (make test installs Debian's chromium; CHROMIUM names another)",
                 allow_module_level=True)
