@@ -7,6 +7,7 @@ through the real ``dvc`` of this environment.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -52,6 +53,10 @@ def ran(output: str) -> set[str]:
 
 
 def pets_params(source: dict, experiments: dict, corruptions: dict | None = None, **dataset) -> dict:
+    """A project's params for the tiny pets image folder: a deep copy of what it is given, so that a test
+    changing its params (``params["experiments"]["pets_cnn"]["training"]["batch_size"] = 2``) cannot change
+    a shared constant such as test_pipeline's ``PETS_CNN`` for the tests after it on the same worker."""
+    source, experiments, corruptions, dataset = copy.deepcopy((source, experiments, corruptions, dataset))
     return {
         "limits": {"max_samples": None, "max_epochs": None},
         "download": {"retries": 0, "cache_dir": "data/cache"},
