@@ -38,7 +38,7 @@ from benchmarks.harness import ROOT, machine, write_results  # noqa: E402
 from stages import params as params_mod  # noqa: E402
 from stages.experiment_data import ExperimentData  # noqa: E402
 from stages.images import to_unit_float  # noqa: E402
-from stages.training import compiled_model, configure_backend, one_op_at_a_time  # noqa: E402
+from stages.training import compiled_model, configure_backend  # noqa: E402
 
 log = logging.getLogger("bench_scaling")
 
@@ -113,7 +113,6 @@ def main() -> int:
         raise SystemExit(f"bench_scaling: {args.experiment} has {len(train)} training images, {count} asked for")
     x = to_unit_float(train.x[:count])
     y = to_unit_float(train.y[:count]) if exp.task == "autoencoder" else train.y[:count]
-    one_op_at_a_time()  # as the train stage runs on TensorFlow without a GPU
     configure_backend(exp.training.seed, exp.training.mixed_precision)
 
     def model_for(batch_size: int, images: int):
