@@ -54,11 +54,13 @@ def test_every_stage_of_the_dataset_in_its_own_process(tmp_path):
     assert peak["train@pets_dae"] > 2 * peak["download@pets"] > 0
     assert "| `train@pets_dae` |" in done.stdout and result["machine"]["cores"] >= 1
     # the sample with the most resident memory, split by kind: it is one of the
-    # process's own readings, so its parts add up to no more than the peak
+    # process's own readings, so its parts add up to no more than the peak; the
+    # kernel counts RSS in per-thread or per-CPU batches, so a
+    # /proc reading can pass wait4's peak by a little (897 against 896 MiB seen)
     at_peak = {row["stage"]: row["sampled_at_peak_mib"] for row in result["stages"]}
     train = at_peak["train@pets_dae"]
     assert train["anon"] > 0 and train["file"] > 0
-    assert train["anon"] + train["file"] + train["shmem"] <= train["rss"] <= peak["train@pets_dae"]
+    assert train["anon"] + train["file"] + train["shmem"] <= train["rss"] <= peak["train@pets_dae"] + 4
 
 
 def test_an_experiment_not_on_the_dataset_is_named_and_nothing_is_written(tmp_path):
