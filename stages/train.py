@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,27 +99,27 @@ def describe(name: str, exp: Experiment, epochs: int, data: ExperimentData, arra
             log_split(context, split_files(exp.data.input, exp.data.target, split))
 
 
-def save_outputs(out: Path, checkpoint: Checkpoint, model: keras.Model, history: dict, run, model_id: str,
-                 trained: dict) -> None:
-    """``model.keras``, ``history.json`` and ``run.json``."""
+def save_outputs(out: Path, exported: Path, history: dict, run, model_id: str, trained: dict) -> None:
+    """``model.keras`` (``exported``, moved), ``history.json`` and ``run.json``."""
     with atomic.replacing(out, directory=True) as folder:
-        checkpoint.export(model, folder / "model.keras")
+        shutil.move(exported, folder / "model.keras")
         (folder / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         save_run_ref(folder / "run.json", run.info.run_id, run.info.experiment_id,
                      {**trained, **provenance.environment(), **provenance.git_state()}, model_id=model_id)
 
 
-def log_results(name: str, model: keras.Model, example, history: dict, epochs: int, metric_log: MetricLog,
-                checkpoint: Checkpoint, state: State, placement: distribution.Placement) -> str:
-    """The epochs' metrics the store does not have yet, then the model as a
-    LoggedModel (once: a re-run after a failure here reuses it); its id."""
+def log_results(name: str, model: keras.Model, exported: Path, example, history: dict, epochs: int,
+                metric_log: MetricLog, checkpoint: Checkpoint, state: State, placement: distribution.Placement) -> str:
+    """The epochs' metrics the store does not have yet, then the model (its
+    ``.keras`` file ``exported``) as a LoggedModel (once: a re-run after a
+    failure here reuses it); its id."""
     try:
         metric_log.flush(history, epochs, required=True)
         state.logged = metric_log.logged
         checkpoint.write(state)
         if state.model_id is None:
             with placement.alone():
-                state.model_id = log_keras_model(model, example, name)  # named after the experiment
+                state.model_id = log_keras_model(model, example, name, exported)  # named after the experiment
             checkpoint.write(state)
         return state.model_id
     except Exception as exc:  # noqa: BLE001 - the store failed; the trained model is safe
@@ -176,10 +177,14 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
         fit(name, exp, *arrays, model, start, epochs,
             [History(guard, history), *after.values(), EpochLog(name, epochs, after)], guard, placement)
         fit_s = time.perf_counter() - fit_started
-        model_id = log_results(name, model, example, history, epochs, metric_log, checkpoint, state, placement)
+        exported = checkpoint.folder / "model.keras"  # saved once: MLflow gets a copy, the output is this file
+        with placement.alone():
+            checkpoint.export(model, exported)
+        model_id = log_results(name, model, exported, example, history, epochs, metric_log, checkpoint, state,
+                               placement)
         # this process's share when it resumed a killed run (resumed_at_epoch > 0)
         with placement.alone():
-            save_outputs(out, checkpoint, model, history, run, model_id, {
+            save_outputs(out, exported, history, run, model_id, {
                 "epochs": epochs, "resumed_at_epoch": start, "seconds": round(time.perf_counter() - started, 1),
                 "fit_seconds": round(fit_s, 1)})
     state.complete = True

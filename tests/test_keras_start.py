@@ -79,3 +79,17 @@ def test_unimportable_only_within_the_block_and_only_what_was_not_imported(tmp_p
     assert importlib.import_module("probe_absent").VALUE == 1
     monkeypatch.delitem(sys.modules, "probe_absent")
     monkeypatch.delitem(sys.modules, "probe_present")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "pooled True"),  # TensorFlow's pool counts what it holds: the 4 MB tensor
+    ({"TF_CPU_ALLOCATOR_USE_BFC": "false"}, "malloc"),  # the environment's choice wins
+])
+def test_the_train_stage_pools_tensorflows_host_memory_unless_told_otherwise(env, expected):
+    code = ("import stages.train, tensorflow as tf\n"
+            "x = tf.ones((1000, 1000))\n"
+            "try:\n"
+            "    print('pooled', tf.config.experimental.get_memory_info('CPU:0')['current'] >= 4_000_000)\n"
+            "except ValueError:  # 'Allocator stats not available': TensorFlow's default, plain malloc\n"
+            "    print('malloc')")
+    assert _in_a_fresh_process(code, KERAS_BACKEND="tensorflow", **env) == expected

@@ -96,3 +96,29 @@ def test_epochs_sent_again_after_a_lost_answer_are_stored_once(tmp_path, monkeyp
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
     stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
     assert stamps[3] == 4_000_000_000_000 and stamps[2] < stamps[3]
+
+
+def test_a_model_saved_already_is_logged_as_that_file_and_loads_back(tmp_path, monkeypatch):
+    """``log_keras_model(..., saved=file)``: the LoggedModel's ``.keras`` file is
+    a copy of ``file`` (Keras does not save the model again) and MLflow loads
+    it back as a model computing what the original does."""
+    import keras
+    import mlflow
+    import numpy as np
+
+    from stages.checkpoint import Checkpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow_store.use_store()
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    saved = tmp_path / "model.keras"
+    Checkpoint(tmp_path / "ck", "f").export(model, saved)
+    example = np.arange(8, dtype=np.float32).reshape(2, 4)
+    mlflow.set_experiment("logged")
+    with mlflow.start_run():
+        model_id = mlflow_run.log_keras_model(model, example, "dense", saved)
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / "logged")))
+    assert (logged / "data" / "model.keras").read_bytes() == saved.read_bytes()
+    loaded = mlflow.keras.load_model(f"models:/{model_id}")
+    np.testing.assert_array_equal(loaded.predict(example, verbose=0), model.predict(example, verbose=0))
