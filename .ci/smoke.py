@@ -378,9 +378,8 @@ def main() -> int:
                         help="save the browser check's screenshots (MLflow UI, report) into this folder")
     skipped = skipped_in_ci(yaml.safe_load((ROOT / "params.yaml").read_text()))
     parser.add_argument("--skip", nargs="*", default=skipped, metavar="EXPERIMENT",
-                        help="experiments left out of the run (default: the ones too slow for a CPU CI, "
-                             "the red-only robustness check and cifar10_cae_3pool, NOT_IN_CI: "
-                             f"{', '.join(skipped)}); --skip with no name "
+                        help="experiments left out of the run (default: the ones too slow for a CPU CI and "
+                             f"{', '.join(NOT_IN_CI)} (NOT_IN_CI): {', '.join(skipped)}); --skip with no name "
                              "runs them all")
     parser.add_argument("--official", action="store_true",
                         help="download from the official hosts (no mirror); CIFAR-10 from cifar-10-python.tar.gz")

@@ -18,7 +18,9 @@ page cache from one checkpoint to the next: on a VM where memory touched for
 the first time is slow, a 155 MB checkpoint took 0.2-0.55 s once both
 files existed (1.3-1.8 s the first time into each), where a new file and
 NumPy copies took 2-3 s (docs/benchmarks.md). After the last epoch the
-spare file is removed. A state is used only for the same params and data (its
+spare file is removed, and the trained model is exported once to
+``model.keras`` here (:attr:`Checkpoint.model_file`), from where MLflow gets
+a copy and the stage's output takes it. A state is used only for the same params and data (its
 fingerprint) and only while its run is not complete.
 
 With ``IMAGEPIPE_CHECKPOINTS`` set (a folder every machine reaches, such as
@@ -132,6 +134,7 @@ class Checkpoint:
     def __init__(self, folder: Path, fingerprint: str):
         self.folder, self.fingerprint = folder, fingerprint
         self.path = folder / "state.json"
+        self.model_file = folder / "model.keras"  # the trained model, exported once (:meth:`export`)
 
     def read(self) -> State | None:
         """The folder's state, whatever its fingerprint; None if there is none (or it is unreadable)."""

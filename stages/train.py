@@ -177,7 +177,7 @@ def tracked_training(name: str, exp: Experiment, data: ExperimentData, arrays: t
         fit(name, exp, *arrays, model, start, epochs,
             [History(guard, history), *after.values(), EpochLog(name, epochs, after)], guard, placement)
         fit_s = time.perf_counter() - fit_started
-        exported = checkpoint.folder / "model.keras"  # saved once: MLflow gets a copy, the output is this file
+        exported = checkpoint.model_file  # saved once: MLflow gets a copy, the output is this file
         with placement.alone():
             checkpoint.export(model, exported)
         model_id = log_results(name, model, exported, example, history, epochs, metric_log, checkpoint, state,
